@@ -69,6 +69,13 @@ def check_threshold(value: float, name: str) -> float:
     return float(value)
 
 
+def check_positive_int(value, name: str) -> int:
+    """Checks a count such as top_k: an integer >= 1 (bools are rejected)."""
+    if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def _check_finite(x, name):
     if x.size and not np.all(np.isfinite(x)):
         index = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])

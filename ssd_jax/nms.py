@@ -1,0 +1,160 @@
+"""Non-maximum suppression and the SSD detection output, jit-able twins of
+`reference.nms` with fixed-size outputs.
+
+Greedy NMS is sequential (a box survives only if no kept, higher-scored box
+overlaps it), so it is one `lax.fori_loop` over the score-sorted candidates
+whose body is a vector op on a precomputed IoU matrix: O(N) steps, O(N^2)
+memory. `detect` runs it for all classes at once with `jax.vmap`.
+
+Under `jax.jit`, the sizes `max_output_size`, `top_k` and `pre_nms_top_k` must
+be static; the thresholds may be static or traced (the public functions below
+jit themselves with exactly these static arguments).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from reference.nms import check_detect_inputs, check_nms_inputs
+from reference.validation import check_array, check_positive_int
+from ssd_jax._validation import is_concrete
+from ssd_jax.boxes import iou
+from ssd_jax.encoding import decode
+
+
+def nms(boxes, scores, iou_threshold, max_output_size: int, *, mask=None):
+    """Greedy non-maximum suppression with a fixed-size result.
+
+    Same rule as `reference.nms.nms`: highest score first (equal scores in
+    index order); a box is dropped if its IoU with a kept box is above
+    `iou_threshold` (IoU equal to the threshold keeps it).
+
+    Args:
+      boxes: [N, 4] float corners (xmin, ymin, xmax, ymax).
+      scores: [N] float scores.
+      iou_threshold: float in [0, 1].
+      max_output_size: static int >= 1, length of the result.
+      mask: optional [N] bool, False marks a padding entry that is never kept
+        (default: all valid).
+
+    Returns:
+      indices: [max_output_size] int32 indices into `boxes` of the kept boxes
+        by descending score, then 0 padding.
+      valid: [max_output_size] bool, True for the kept entries.
+    """
+    check_positive_int(max_output_size, "max_output_size")
+    if mask is None:
+        mask = jnp.ones(jnp.shape(scores), bool)
+    if is_concrete(boxes, scores, iou_threshold, mask):
+        boxes, scores, iou_threshold = check_nms_inputs(boxes, scores, iou_threshold)
+        check_array(mask, "mask", shape=scores.shape)
+    return _nms(boxes, scores, mask, iou_threshold, max_output_size)
+
+
+@functools.partial(jax.jit, static_argnames="max_output_size")
+def _nms(boxes, scores, mask, iou_threshold, max_output_size):
+    num_boxes = scores.shape[0]
+    if num_boxes == 0:
+        return jnp.zeros(max_output_size, jnp.int32), jnp.zeros(max_output_size, bool)
+    # lax.top_k breaks ties by lower index, i.e. it is a stable descending sort.
+    _, order = lax.top_k(jnp.where(mask, scores, -jnp.inf), num_boxes)
+    sorted_boxes = boxes[order]
+    keep = _greedy_sweep(iou(sorted_boxes, sorted_boxes), mask[order], iou_threshold)
+    (positions,) = jnp.nonzero(keep, size=max_output_size, fill_value=0)
+    valid = jnp.arange(max_output_size) < keep.sum()
+    return jnp.where(valid, order[positions], 0).astype(jnp.int32), valid
+
+
+def _greedy_sweep(ious, keep, iou_threshold):
+    """keep[N] after greedy NMS of boxes already sorted by descending score.
+
+    When step i runs, every box before i is final, so keep[i] is final too and
+    box i may suppress the boxes after it.
+    """
+    positions = jnp.arange(keep.shape[0])
+
+    def visit(i, keep):
+        suppressed = keep[i] & (ious[i] > iou_threshold) & (positions > i)
+        return keep & ~suppressed
+
+    return lax.fori_loop(0, keep.shape[0], visit, keep)
+
+
+def detect(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0.45,
+           top_k: int = 200, pre_nms_top_k: int = 400):
+    """Final detections of one image, padded to `top_k` (see `reference.nms.detect`).
+
+    Args:
+      loc: [P, 4] predicted offsets.
+      conf_logits: [P, C + 1] class logits, column 0 background.
+      priors: [P, 4] center form (cx, cy, w, h).
+      score_threshold: float in [0, 1]; a detection needs a score above it.
+      iou_threshold: float in [0, 1]; per-class NMS threshold.
+      top_k: static int, most detections returned (output length).
+      pre_nms_top_k: static int, most candidates per class entering NMS.
+
+    Returns:
+      boxes: [top_k, 4] float32 corners clipped to [0, 1].
+      scores: [top_k] float32, descending; ties: lower class, then lower prior.
+      labels: [top_k] int32 classes in 1..C.
+      valid: [top_k] bool. Padding entries have box 0, score 0, label 0.
+    """
+    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
+        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                            pre_nms_top_k)
+    return _detect(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                   pre_nms_top_k)
+
+
+def detect_batch(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0.45,
+                 top_k: int = 200, pre_nms_top_k: int = 400):
+    """`detect` for a batch: loc [B, P, 4], conf_logits [B, P, C + 1], shared priors.
+
+    Returns boxes [B, top_k, 4], scores [B, top_k], labels [B, top_k], valid [B, top_k].
+    """
+    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
+        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                            pre_nms_top_k, batch_dims=1)
+    return _detect_batch(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                         pre_nms_top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "pre_nms_top_k"))
+def _detect(loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k):
+    probs = jax.nn.softmax(conf_logits, axis=-1)
+    boxes = jnp.clip(decode(loc, priors), 0.0, 1.0)
+    candidates_per_class = min(pre_nms_top_k, priors.shape[0])
+
+    def per_class(class_scores):
+        # top_k before thresholding gives the same set as the reference's
+        # threshold-then-sort, ties included (both prefer the lower prior index).
+        scores, candidates = lax.top_k(class_scores, candidates_per_class)
+        kept, valid = _nms(boxes[candidates], scores, scores > score_threshold, iou_threshold,
+                           candidates_per_class)
+        return candidates[kept], jnp.where(valid, scores[kept], -jnp.inf)
+
+    prior_index, scores = jax.vmap(per_class)(probs[:, 1:].T)  # [C, candidates_per_class]
+    labels = jnp.broadcast_to(jnp.arange(1, probs.shape[1])[:, None], scores.shape)
+    # Flattened class-major, so top_k's lower-index tie rule prefers the lower
+    # class, then (kept lists being score-then-prior ordered) the lower prior.
+    padding = max(0, top_k - scores.size)
+    scores = jnp.pad(scores.ravel(), (0, padding), constant_values=-jnp.inf)
+    prior_index = jnp.pad(prior_index.ravel(), (0, padding))
+    labels = jnp.pad(labels.ravel(), (0, padding))
+    best, flat = lax.top_k(scores, top_k)
+    valid = best > -jnp.inf
+    return (jnp.where(valid[:, None], boxes[prior_index[flat]], 0.0),
+            jnp.where(valid, best, 0.0),
+            jnp.where(valid, labels[flat], 0).astype(jnp.int32),
+            valid)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "pre_nms_top_k"))
+def _detect_batch(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                  pre_nms_top_k):
+    def one_image(loc, conf_logits):
+        return _detect(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                       pre_nms_top_k)
+
+    return jax.vmap(one_image)(loc, conf_logits)
