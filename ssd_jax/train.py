@@ -1,0 +1,259 @@
+"""Training: one jitted, data-parallel train step and the loop around it.
+
+The step is a pure function `train_step(state, batch) -> (state, metrics)`, jitted
+once with the state donated. Ground truth arrives padded to G slots with a mask
+and is matched and encoded inside the step, so nothing goes back to the host.
+"""
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from reference.priors import prior_boxes
+from ssd_jax import inference
+from ssd_jax.checkpoint import checkpoint_manager, load_meta, restore, save
+from ssd_jax.data import pipeline
+from ssd_jax.loss import multibox_loss
+from ssd_jax.matching import build_targets
+from ssd_jax.model import SSD, ModelConfig, get_config
+from ssd_jax.plots import plot_loss_curve
+from ssd_jax.sharding import check_batch_size, data_mesh, maybe_initialize_distributed, replicate, shard_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; every field is a command-line flag."""
+
+    dataset: str = "voc"
+    model: str = "ssd300"
+    dtype: str = "float32"
+    batch_size: int = 32
+    max_boxes: int = 50
+    num_steps: int = 120_000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 1000
+    decay_steps: tuple[int, ...] = (80_000, 100_000)
+    decay_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip_norm: float = 0.0
+    neg_pos_ratio: float = 3.0
+    match_iou_threshold: float = 0.5
+    seed: int = 0
+    workdir: str = "runs/voc"
+    log_every: int = 50
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    num_workers: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.num_steps < 1:
+            raise ValueError("batch_size and num_steps must be >= 1")
+        if list(self.decay_steps) != sorted(self.decay_steps):
+            raise ValueError(f"decay_steps must be increasing, got {self.decay_steps}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    rest: nnx.State  # the model's non-trainable variables, carried unchanged
+    opt_state: optax.OptState
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then x`decay_factor` at each of `decay_steps`."""
+    decay = optax.piecewise_constant_schedule(
+        config.learning_rate,
+        {step - config.warmup_steps: config.decay_factor for step in config.decay_steps})
+    if config.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The paper's SGD: momentum 0.9, weight decay 5e-4 (on kernels only, as Caffe's
+    decay_mult 0 for biases and the L2Norm scale)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
+    parts += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+              optax.sgd(learning_rate_schedule(config), momentum=config.momentum)]
+    return optax.chain(*parts)
+
+
+def create_train_state(model: SSD, tx: optax.GradientTransformation):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                       opt_state=tx.init(params))
+    return graphdef, state
+
+
+def make_train_step(graphdef, tx, priors, config: TrainConfig):
+    """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+
+    batch: dict with "image" uint8 [B, S, S, 3], "boxes" [B, G, 4] corners,
+    "labels" [B, G] int, "mask" [B, G] bool.
+    """
+    priors = jnp.asarray(priors)
+
+    def loss_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        loc, conf_logits = model(batch["image"])
+        loc_target, labels = build_targets(
+            batch["boxes"], batch["labels"], batch["mask"], priors,
+            iou_threshold=config.match_iou_threshold)
+        terms = multibox_loss(loc, conf_logits, loc_target, labels,
+                              neg_pos_ratio=config.neg_pos_ratio)
+        return terms["loss"], terms
+
+    def train_step(state: TrainState, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, terms), grads = grad_fn(state.params, state.rest, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(terms, grad_norm=optax.global_norm(grads),
+                       learning_rate=learning_rate_schedule(config)(state.step))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def build_model(config: TrainConfig, num_classes: int) -> SSD:
+    model_config = get_config(config.model, num_classes=num_classes, dtype=config.dtype)
+    return SSD(model_config, rngs=nnx.Rngs(config.seed))
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; a resumed run first drops the
+    records past its checkpoint so the file reads like one uninterrupted run."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        old = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self.records = [r for r in old if r["step"] <= start_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _mean_metrics(pending: list[dict]) -> dict:
+    host = jax.device_get(pending)
+    return {key: float(np.mean([m[key] for m in host])) for key in host[0]}
+
+
+def train(config: TrainConfig, train_source, eval_source, class_names) -> dict:
+    """Trains from scratch or resumes from the latest checkpoint in `workdir`.
+
+    Writes `workdir`/checkpoints (orbax), metrics.jsonl, loss_curve.png and, after
+    the final evaluation, eval.json. Returns the final evaluation result.
+    """
+    maybe_initialize_distributed()
+    mesh = data_mesh()
+    local_batch_size = check_batch_size(config.batch_size, mesh)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(config, len(class_names))
+    priors = prior_boxes(model.config.priors)
+    tx = make_optimizer(config)
+    graphdef, state = create_train_state(model, tx)
+    state = replicate(state, mesh)
+    manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    meta = dict(model=config.model, dtype=config.dtype, class_names=list(class_names),
+                train=dataclasses.asdict(config))
+    if manager.latest_step() is not None:
+        state, _ = restore(manager, state)
+    start_step = int(state.step)
+
+    loader = pipeline.make_train_loader(
+        train_source, batch_size=local_batch_size, max_boxes=config.max_boxes,
+        image_size=model.config.priors.image_size, seed=config.seed,
+        worker_count=config.num_workers, start_step=start_step)
+    train_step = make_train_step(graphdef, tx, priors, config)
+    predict = inference.make_predict_fn(graphdef, priors)
+    log = MetricsLog(workdir / "metrics.jsonl", start_step)
+
+    def run_eval(step):
+        result = evaluate_source(predict, state, eval_source, config, model.config, len(class_names))
+        log.write({"step": step, "map": result["map"]})
+        return result
+
+    bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
+               desc="train", unit="step")
+    pending, last_time = [], time.perf_counter()
+    for step in bar:
+        state, metrics = train_step(state, shard_batch(next(loader), mesh))
+        pending.append(metrics)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.num_steps:
+            record = _mean_metrics(pending)
+            if not np.isfinite(record["loss"]):
+                raise FloatingPointError(f"non-finite loss {record['loss']} at step {done}: "
+                                         "lower --learning_rate or set --grad_clip_norm")
+            now = time.perf_counter()
+            record.update(step=done, images_per_s=len(pending) * config.batch_size / (now - last_time))
+            pending, last_time = [], now
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}")
+        if done % config.checkpoint_every == 0 or done == config.num_steps:
+            save(manager, done, state, meta)
+        if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+            run_eval(done)
+    manager.wait_until_finished()
+
+    result = run_eval(config.num_steps)
+    plot_loss_curve(log.records, workdir / "loss_curve.png")
+    summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
+    (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def evaluate_source(predict, state, source, config: TrainConfig, model_config: ModelConfig,
+                    num_classes: int) -> dict:
+    loader = pipeline.make_eval_loader(source, batch_size=config.batch_size,
+                                       max_boxes=config.max_boxes,
+                                       image_size=model_config.priors.image_size)
+    return inference.evaluate(predict, state.params, state.rest, loader, num_classes,
+                              num_batches=-(-len(source) // config.batch_size))
+
+
+def config_from_meta(meta: dict) -> TrainConfig:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["train"].items()}
+    return TrainConfig(**fields)
+
+
+def load_trained_model(directory, step: int | None = None):
+    """Rebuilds the model of a training run's checkpoint directory.
+
+    `directory` is a run's workdir or its checkpoints/ folder. Returns (model, meta);
+    meta holds the class names and the training config.
+    """
+    if (Path(directory) / "checkpoints").is_dir():
+        directory = Path(directory) / "checkpoints"
+    manager = checkpoint_manager(directory, read_only=True)
+    meta = load_meta(directory, step)
+    config = config_from_meta(meta)
+    tx = make_optimizer(config)
+
+    def init_state():
+        return create_train_state(build_model(config, len(meta["class_names"])), tx)[1]
+
+    state, _ = restore(manager, jax.eval_shape(init_state), step)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, len(meta["class_names"]))))
+    return nnx.merge(graphdef, state.params, state.rest), meta
