@@ -1,0 +1,58 @@
+"""Box geometry in JAX: twins of `reference.boxes` (same names, same results in float32).
+
+Corners form is (xmin, ymin, xmax, ymax); center form is (cx, cy, w, h).
+Degenerate boxes (xmax <= xmin or ymax <= ymin) have area 0 and IoU 0, never NaN.
+All functions are jit-able; called on concrete arrays they first run the
+reference's input checks (ValueError on bad shapes or non-finite values), under
+jit (traced arrays) they skip them.
+"""
+import jax.numpy as jnp
+
+from reference import boxes as reference_boxes
+from reference.validation import check_boxes
+from ssd_jax._validation import is_concrete
+
+
+def area(boxes):
+    """[..., 4] corners -> [...] areas, 0 for degenerate boxes."""
+    if is_concrete(boxes):
+        reference_boxes.check_box_array(boxes, "boxes")
+    return _area(jnp.asarray(boxes))
+
+
+def iou(a, b):
+    """Pairwise IoU of a [N, 4] and b [M, 4] corners -> [N, M] in [0, 1]."""
+    if is_concrete(a, b):
+        check_boxes(a, "a")
+        check_boxes(b, "b")
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    top_left = jnp.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    intersection = _area(jnp.concatenate([top_left, bottom_right], axis=-1))
+    union = _area(a)[:, None] + _area(b)[None, :] - intersection
+    # Two degenerate boxes have union 0: IoU 0, not 0/0 (and no NaN gradient).
+    return jnp.where(union > 0, intersection / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def corners_to_center(boxes):
+    """[..., 4] corners (xmin, ymin, xmax, ymax) -> [..., 4] center form (cx, cy, w, h)."""
+    if is_concrete(boxes):
+        reference_boxes.check_box_array(boxes, "boxes")
+    boxes = jnp.asarray(boxes)
+    top_left, bottom_right = boxes[..., :2], boxes[..., 2:]
+    return jnp.concatenate([(top_left + bottom_right) / 2, bottom_right - top_left], axis=-1)
+
+
+def center_to_corners(boxes):
+    """[..., 4] center form (cx, cy, w, h) -> [..., 4] corners (xmin, ymin, xmax, ymax)."""
+    if is_concrete(boxes):
+        reference_boxes.check_box_array(boxes, "boxes")
+    boxes = jnp.asarray(boxes)
+    center, half_size = boxes[..., :2], boxes[..., 2:] / 2
+    return jnp.concatenate([center - half_size, center + half_size], axis=-1)
+
+
+def _area(boxes):
+    width = jnp.maximum(boxes[..., 2] - boxes[..., 0], 0.0)
+    height = jnp.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
+    return width * height

@@ -1,0 +1,106 @@
+"""Matching default boxes to ground truth in JAX: twins of `reference.matching`.
+
+Same rule as the reference (paper section 2.2): each real gt first claims its
+best prior (the later gt wins a prior claimed twice), those claims are final;
+every other prior whose best IoU is >= the threshold takes its best gt; the
+rest are background (label 0), and their matched box is the prior itself in
+corner form, so their regression target is 0.
+
+Ground truth is padded to G slots with a boolean mask: padded slots never
+claim a prior and are never matched. Static shapes, no Python loops over
+boxes; `build_targets` is `match` + `encode` vmapped over the batch. Public
+functions run the reference's input checks on concrete inputs (ValueError);
+under jit they skip them.
+"""
+import jax
+import jax.numpy as jnp
+
+from reference import encoding as reference_encoding
+from reference import matching as reference_matching
+from reference.validation import check_threshold
+from ssd_jax._validation import is_concrete
+from ssd_jax.boxes import center_to_corners, iou
+from ssd_jax.encoding import encode
+
+
+def match(gt_boxes, gt_labels, priors, iou_threshold=0.5, *, gt_mask=None, num_classes=None):
+    """Assigns a ground-truth box (or background) to every prior of one image.
+
+    Args:
+      gt_boxes: [G, 4] float corners (xmin, ymin, xmax, ymax); rows where
+        gt_mask is True need xmax > xmin and ymax > ymin, padded rows may hold
+        anything finite.
+      gt_labels: [G] int labels in 1..C where gt_mask is True.
+      priors: [P, 4] center form (cx, cy, w, h).
+      iou_threshold: minimum IoU for a prior to take its best gt, in [0, 1].
+      gt_mask: [G] bool, True for real ground truth; default all True.
+      num_classes: C; if given (and inputs are concrete), labels above it are rejected.
+    Returns:
+      matched_boxes: [P, 4] float32 corners: the matched gt box of positive
+        priors, the prior itself for background priors.
+      labels: [P] int32: the matched gt's label, 0 for background.
+    """
+    if gt_mask is None:
+        gt_mask = jnp.ones(jnp.shape(gt_boxes)[:1], dtype=bool)
+    if is_concrete(gt_boxes, gt_labels, gt_mask, priors, iou_threshold):
+        reference_matching.check_padded_ground_truth(
+            gt_boxes, gt_labels, gt_mask, batch_dims=0, num_classes=num_classes)
+        reference_encoding.check_priors(priors)
+        check_threshold(iou_threshold, "iou_threshold")
+    return _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold)
+
+
+def build_targets(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5,
+                  variances=(0.1, 0.2), *, num_classes=None):
+    """Training targets of a batch: `match` + `encode` per image, vmapped.
+
+    Args:
+      gt_boxes: [B, G, 4] float corners, padded to G slots (padded rows: anything finite).
+      gt_labels: [B, G] int labels in 1..C where gt_mask is True.
+      gt_mask: [B, G] bool, True for real ground truth.
+      priors: [P, 4] center form (cx, cy, w, h).
+      iou_threshold, num_classes: as in `match`.
+      variances: (center variance, size variance) of `encode`.
+    Returns:
+      loc_target: [B, P, 4] float32 offsets, 0 for background priors.
+      labels: [B, P] int32, 0 for background.
+    """
+    if is_concrete(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, variances):
+        reference_matching.check_padded_ground_truth(
+            gt_boxes, gt_labels, gt_mask, batch_dims=1, num_classes=num_classes)
+        reference_encoding.check_priors(priors)
+        reference_encoding.check_variances(variances)
+        check_threshold(iou_threshold, "iou_threshold")
+
+    def one_image(boxes, labels, mask):
+        matched_boxes, matched_labels = _match(boxes, labels, mask, priors, iou_threshold)
+        return encode(matched_boxes, priors, variances), matched_labels
+
+    return jax.vmap(one_image)(jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_mask))
+
+
+@jax.jit
+def _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold):
+    gt_boxes, gt_labels = jnp.asarray(gt_boxes, jnp.float32), jnp.asarray(gt_labels, jnp.int32)
+    gt_mask = jnp.asarray(gt_mask, bool)
+    prior_corners = center_to_corners(jnp.asarray(priors, jnp.float32))
+    num_gts, num_priors = gt_boxes.shape[0], prior_corners.shape[0]
+    if num_gts == 0:
+        return prior_corners, jnp.zeros(num_priors, jnp.int32)
+    # IoU -1 for padded gts: below every real IoU and every threshold.
+    overlaps = jnp.where(gt_mask[:, None], iou(gt_boxes, prior_corners), -1.0)  # [G, P]
+
+    best_gt = jnp.argmax(overlaps, axis=0)  # [P], ties -> lowest gt index
+    above_threshold = jnp.max(overlaps, axis=0) >= iou_threshold
+    # Bipartite step: each real gt claims its best prior; scatter-max keeps the
+    # highest (latest) gt index among the claimants of a prior, -1 if none.
+    best_prior = jnp.argmax(overlaps, axis=1)  # [G], ties -> lowest prior index
+    claimant = jnp.where(gt_mask, jnp.arange(num_gts), -1)
+    claimed_by = jnp.full(num_priors, -1).at[best_prior].max(claimant)  # [P]
+
+    claimed = claimed_by >= 0
+    assigned_gt = jnp.where(claimed, claimed_by, best_gt)
+    positive = claimed | above_threshold
+    labels = jnp.where(positive, gt_labels[assigned_gt], 0)
+    matched_boxes = jnp.where(positive[:, None], gt_boxes[assigned_gt], prior_corners)
+    return matched_boxes, labels
