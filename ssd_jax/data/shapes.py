@@ -1,0 +1,212 @@
+"""Shapes: a synthetic detection dataset drawn on the fly (no files, deterministic by seed).
+
+Each image shows 1..max_objects filled shapes of six classes in random colours, sizes (short side
+from about 8% of the image side, long side up to 70%) and aspect ratios (1:2 to 2:1), on a textured
+background (colour gradient, soft blotches, thin lines, pixel noise) that holds no class shapes.
+Objects may overlap, but each keeps at least `MIN_VISIBLE` of its pixels and half of its pixels on
+each side of its box visible, so every ground truth box is the exact tight box of what the image
+shows.
+
+Example `i` of a split is drawn from a NumPy generator seeded with (seed, split, i): the same
+example comes back whatever the access order, and train and validation never share an image.
+"""
+import operator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASS_NAMES = ("ellipse", "rectangle", "triangle", "diamond", "star", "cross")
+NUM_CLASSES = len(CLASS_NAMES)
+SPLIT_IDS = {"train": 0, "validation": 1}
+DEFAULT_NUM_EXAMPLES = {"train": 50_000, "validation": 1_000}
+
+MIN_SIDE = 0.08          # shortest object side, fraction of the image side ...
+MIN_SIDE_PX = 10         # ... and never below this many pixels, so every silhouette stays readable
+MAX_SIDE = 0.70          # longest object side, fraction of the image side
+MAX_ASPECT = 2.0         # width / height drawn log-uniformly in [1 / MAX_ASPECT, MAX_ASPECT]
+MIN_VISIBLE = 0.6        # fraction of an object's pixels that later objects must leave visible
+MIN_CONTRAST = 100.0     # RGB distance of an object's colour to the background and its neighbours
+NOISE = 10               # pixel noise amplitude (uniform, per channel), on background and objects
+PLACEMENT_TRIES = 20     # tries to place one object before giving up on it
+
+
+def _star(points=5, inner=0.45):
+    angles = np.pi / 2 + np.arange(2 * points) * np.pi / points
+    radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([radii * np.cos(angles), -radii * np.sin(angles)], axis=1)
+
+
+def _cross(arm=1 / 3):
+    a, b = arm, 1 - arm
+    return np.array([(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b),
+                     (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)])
+
+
+def _unit_square(vertices):
+    """Stretches a polygon so it touches all four sides of the unit square."""
+    vertices = np.asarray(vertices, np.float64)
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    return (vertices - low) / (high - low)
+
+
+# Outlines in the unit square, one per class, in CLASS_NAMES order; None is the ellipse.
+_OUTLINES = (
+    None,
+    _unit_square([(0, 0), (1, 0), (1, 1), (0, 1)]),
+    _unit_square([(0.5, 0), (1, 1), (0, 1)]),
+    _unit_square([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)]),
+    _unit_square(_star()),
+    _unit_square(_cross()),
+)
+
+
+def shape_mask(label: int, width: int, height: int) -> np.ndarray:
+    """Rasterized silhouette of class `label` (1..C) stretched over a width x height patch.
+
+    Returns: bool [h, w], cropped to the silhouette's tight box (h <= height, w <= width).
+    """
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    outline = _OUTLINES[label - 1]
+    if outline is None:
+        draw.ellipse((0, 0, width - 1, height - 1), fill=1)
+    else:
+        draw.polygon([tuple(p) for p in outline * (width - 1, height - 1)], fill=1)
+    mask = np.asarray(canvas, bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _background(rng, size, grid=5):
+    """Gradient between two random colours, soft blotches and thin lines: uint8 [S, S, 3]."""
+    # Gradient and blotches are drawn on a coarse grid; bilinear upsampling smooths them.
+    coords = np.linspace(0, 1, grid)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]
+    ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min())
+    start, end = rng.uniform(0, 255, (2, 3))
+    coarse = start + ramp[..., None] * (end - start) + rng.uniform(-32, 32, (grid, grid, 3))
+    coarse = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8))
+    canvas = coarse.resize((size, size), Image.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.integers(2, 7)):  # thin strokes: texture that is never a class
+        ends = rng.uniform(0, size, 4)
+        draw.line(tuple(ends), fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+                  width=int(rng.integers(1, 3)))
+    return np.asarray(canvas)
+
+
+def _object_size(rng, size):
+    """Width and height in pixels: log-uniform area and aspect ratio, clipped to the side limits."""
+    side = size * np.exp(rng.uniform(np.log(MIN_SIDE + 0.01), np.log(0.6)))
+    aspect = np.exp(rng.uniform(-np.log(MAX_ASPECT), np.log(MAX_ASPECT)))
+    low, high = max(MIN_SIDE * size, MIN_SIDE_PX), MAX_SIDE * size
+    width, height = np.clip([side * np.sqrt(aspect), side / np.sqrt(aspect)], low, high)
+    return int(np.ceil(width)), int(np.ceil(height))
+
+
+def _edges(mask):
+    """Pixel counts of a mask's top, bottom, left and right border lines."""
+    return np.array([mask[0].sum(), mask[-1].sum(), mask[:, 0].sum(), mask[:, -1].sum()])
+
+
+def _keeps_earlier_objects_visible(owner, new_owner, box_px, masks):
+    """True if every earlier object the last one covers keeps MIN_VISIBLE of its pixels and at
+    least half of its pixels on each side of its box, so its box stays the box of what is seen."""
+    x0, y0, x1, y1 = box_px[-1]
+    changed = new_owner[y0:y1, x0:x1] != owner[y0:y1, x0:x1]
+    covered = np.unique(owner[y0:y1, x0:x1][changed])
+    for j in covered[covered >= 0]:
+        jx0, jy0, jx1, jy1 = box_px[j]
+        visible = new_owner[jy0:jy1, jx0:jx1] == j
+        if (visible.sum() < MIN_VISIBLE * masks[j].sum()
+                or np.any(2 * _edges(visible) < _edges(masks[j]))):
+            return False
+    return True
+
+
+def _pick_colour(rng, avoid):
+    """First of a few random colours at least MIN_CONTRAST from every colour in `avoid`, else the
+    farthest of them."""
+    candidates = rng.integers(0, 256, (16, 3))
+    distance = np.linalg.norm(candidates[:, None] - np.asarray(avoid)[None], axis=-1).min(axis=1)
+    good = np.flatnonzero(distance >= MIN_CONTRAST)
+    return candidates[good[0] if good.size else distance.argmax()]
+
+
+def _intersects(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+class ShapesDataset:
+    """Random-access synthetic detection dataset (see the module docstring).
+
+    `dataset[i]` returns {"image": uint8 [S, S, 3], "boxes": float32 [G, 4] corners
+    (xmin, ymin, xmax, ymax) in [0, 1] (pixel edges: a box covering pixel columns 3..9 has
+    xmin = 3 / S, xmax = 10 / S), "labels": int32 [G] in 1..C, "difficult": bool [G] all False}
+    with 1 <= G <= max_objects.
+    """
+
+    class_names = CLASS_NAMES
+    num_classes = NUM_CLASSES
+
+    def __init__(self, split: str = "train", num_examples: int | None = None,
+                 image_size: int = 128, max_objects: int = 6, seed: int = 0):
+        if split not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+        if image_size * MAX_SIDE < MIN_SIDE_PX:
+            raise ValueError(f"image_size must be at least {int(np.ceil(MIN_SIDE_PX / MAX_SIDE))}, "
+                             f"got {image_size}")
+        if max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+        self.split, self.image_size, self.max_objects, self.seed = split, image_size, max_objects, seed
+        self.num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index) -> dict:
+        return self.render(index)[0]
+
+    def render(self, index) -> tuple[dict, np.ndarray]:
+        """Example `index` and its owner map: int8 [S, S], the object visible at each pixel (its
+        row in boxes/labels), -1 for background. The owner map is for tests and visualization."""
+        index = operator.index(index)
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"index {index} out of range for {self.num_examples} examples")
+        rng = np.random.default_rng((self.seed, SPLIT_IDS[self.split], index))
+        size = self.image_size
+        background = _background(rng, size)
+        owner = np.full((size, size), -1, np.int8)
+        box_px, labels, colours, masks = [], [], [], []
+        for _ in range(rng.integers(1, self.max_objects + 1)):
+            for _ in range(PLACEMENT_TRIES):
+                label = int(rng.integers(1, NUM_CLASSES + 1))
+                mask = shape_mask(label, *_object_size(rng, size))
+                height, width = mask.shape
+                x0, y0 = int(rng.integers(0, size - width + 1)), int(rng.integers(0, size - height + 1))
+                new_owner = owner.copy()
+                new_owner[y0:y0 + height, x0:x0 + width][mask] = len(labels)
+                box = (x0, y0, x0 + width, y0 + height)
+                if _keeps_earlier_objects_visible(owner, new_owner, box_px + [box], masks):
+                    break
+            else:
+                continue  # no room left for this object: the image gets one fewer
+            avoid = [background[y0:y0 + height, x0:x0 + width].mean(axis=(0, 1))]
+            avoid += [c for c, b in zip(colours, box_px) if _intersects(b, box)]
+            owner = new_owner
+            box_px.append(box)
+            labels.append(label)
+            colours.append(_pick_colour(rng, avoid))
+            masks.append(mask)
+        image = background.astype(np.int16)
+        drawn = owner >= 0
+        image[drawn] = np.asarray(colours, np.int16)[owner[drawn]]
+        image += rng.integers(-NOISE, NOISE + 1, image.shape, dtype=np.int16)
+        example = {
+            "image": np.clip(image, 0, 255).astype(np.uint8),
+            "boxes": np.asarray(box_px, np.float32).reshape(-1, 4) / np.float32(size),
+            "labels": np.asarray(labels, np.int32),
+            "difficult": np.zeros(len(labels), bool),
+        }
+        return example, owner
