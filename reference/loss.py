@@ -24,7 +24,7 @@ def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, al
       conf_logits: [B, P, C + 1] float class logits, entry 0 is background.
       loc_target: [B, P, 4] float target offsets; only rows of positive priors are used.
       labels: [B, P] int matched class per prior, 0 background, 1..C objects.
-      neg_pos_ratio: non-negative int; image i keeps the
+      neg_pos_ratio: integer >= 0 (3.0 is accepted); image i keeps the
         min(neg_pos_ratio * num_pos_i, num_neg_i) negatives with the highest
         background loss -log softmax(conf_logits)[0]. Which of several equally
         hard negatives is kept does not change the sum.
@@ -38,6 +38,7 @@ def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, al
     """
     loc_pred, conf_logits, loc_target, labels = check_multibox_inputs(
         loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha)
+    neg_pos_ratio = int(neg_pos_ratio)
     positive = labels > 0
     num_pos = int(positive.sum())
 
@@ -98,9 +99,15 @@ def check_multibox_inputs(loc_pred, conf_logits, loc_target, labels, neg_pos_rat
     loc_target = check_array(loc_target, "loc_target", shape=(batch, num_priors, 4))
     labels = check_labels(labels, "labels", shape=(batch, num_priors),
                           num_classes=num_logits - 1, allow_background=True)
-    if (not isinstance(neg_pos_ratio, numbers.Integral) or isinstance(neg_pos_ratio, bool)
-            or neg_pos_ratio < 0):
-        raise ValueError(f"neg_pos_ratio must be a non-negative int, got {neg_pos_ratio!r}")
+    check_neg_pos_ratio(neg_pos_ratio)
     if not (np.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
     return loc_pred, conf_logits, loc_target, labels
+
+
+def check_neg_pos_ratio(neg_pos_ratio) -> int:
+    """Checks the negatives-per-positive count: an integer >= 0 (3 and 3.0 both pass)."""
+    if (isinstance(neg_pos_ratio, bool) or not isinstance(neg_pos_ratio, numbers.Real)
+            or not float(neg_pos_ratio).is_integer() or neg_pos_ratio < 0):
+        raise ValueError(f"neg_pos_ratio must be an integer >= 0, got {neg_pos_ratio!r}")
+    return int(neg_pos_ratio)

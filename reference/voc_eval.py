@@ -7,11 +7,11 @@ handling of "difficult" objects, the same pixel-overlap rule and the same two
 ways of summarizing the precision/recall curve (VOC2007 11-point, VOC2010+ area).
 """
 import dataclasses
-import numbers
 
 import numpy as np
 
-from reference.validation import check_array, check_boxes, check_labels, check_threshold
+from reference.validation import (check_array, check_boxes, check_labels, check_positive_int,
+                                  check_threshold)
 
 # The devkit's thresholds 0:0.1:1 (MATLAB) / np.arange(0, 1.1, 0.1) (Python) are
 # accumulated floats: 0.3, 0.6 and 0.7 come out a hair above their decimal value,
@@ -170,8 +170,7 @@ class _Image:
 
 
 def _check_and_convert(detections, ground_truths, num_classes) -> list:
-    if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = check_positive_int(num_classes, "num_classes")
     for name, value in (("detections", detections), ("ground_truths", ground_truths)):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list with one dict per image, got {type(value)}")

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from reference.loss import check_multibox_inputs
+from reference.loss import check_multibox_inputs, check_neg_pos_ratio
 from ssd_jax._validation import is_concrete
 
 
@@ -20,7 +20,7 @@ def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, al
         (computed in float32 whatever the input dtype).
       loc_target: [B, P, 4] float target offsets; only rows of positive priors are used.
       labels: [B, P] int matched class per prior, 0 background, 1..C objects.
-      neg_pos_ratio: static non-negative int; image i keeps the
+      neg_pos_ratio: static integer >= 0 (3.0 is accepted); image i keeps the
         min(neg_pos_ratio * num_pos_i, num_neg_i) negatives with the highest
         background loss.
       alpha: non-negative weight of the localization term (may be traced).
@@ -35,6 +35,8 @@ def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, al
     Concrete inputs are validated as in the reference (ValueError); inside jit
     the checks are skipped.
     """
+    # neg_pos_ratio is a static Python number, so it is checked even under jit.
+    neg_pos_ratio = check_neg_pos_ratio(neg_pos_ratio)
     if is_concrete(loc_pred, conf_logits, loc_target, labels, alpha):
         check_multibox_inputs(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha)
     return _multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha)
