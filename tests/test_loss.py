@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,12 +111,16 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+@jax.jit
+@functools.partial(jax.grad, argnums=(0, 1))
+def loss_gradient(loc_pred, conf_logits, loc_target, labels, alpha):
+    return fast.multibox_loss(loc_pred, conf_logits, loc_target, labels, alpha=alpha)["loss"]
+
+
 @given(loss_inputs(), st.sampled_from([1.0, 0.5]))
 def test_gradient_is_the_analytic_gradient_of_the_trained_priors(inputs, alpha):
     loc_pred, conf_logits, loc_target, labels = inputs
-    grad_loc, grad_conf = jax.jit(jax.grad(
-        lambda lp, cl: fast.multibox_loss(lp, cl, loc_target, labels, alpha=alpha)["loss"],
-        argnums=(0, 1)))(loc_pred, conf_logits)
+    grad_loc, grad_conf = loss_gradient(loc_pred, conf_logits, loc_target, labels, alpha)
     grad_loc, grad_conf = np.asarray(grad_loc), np.asarray(grad_conf)
     positive = labels > 0
     n = max(positive.sum(), 1)
