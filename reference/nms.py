@@ -13,6 +13,7 @@ import numpy as np
 
 from reference.boxes import iou
 from reference.encoding import decode
+from reference.loss import log_softmax
 from reference.validation import check_array, check_boxes, check_positive_int, check_threshold
 
 
@@ -94,7 +95,7 @@ def detect(loc, conf_logits, priors, score_threshold: float = 0.01, iou_threshol
     """
     loc, conf_logits, priors = check_detect_inputs(
         loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k)
-    probs = _softmax(conf_logits.astype(np.float64))
+    probs = np.exp(log_softmax(conf_logits.astype(np.float64)))
     boxes = np.clip(decode(loc, priors), 0.0, 1.0)
 
     detections = []  # (score, class, prior index)
@@ -112,8 +113,3 @@ def detect(loc, conf_logits, priors, score_threshold: float = 0.01, iou_threshol
             np.array([s for s, _, _ in detections], dtype=probs.dtype),
             np.array([c for _, c, _ in detections], dtype=np.int64))
 
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis; subtracting the max avoids overflow."""
-    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return exp / exp.sum(axis=-1, keepdims=True)
