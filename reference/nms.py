@@ -1,7 +1,7 @@
 """Non-maximum suppression and the SSD detection output, SSD paper section 2.1,
 "Model" ("...followed by a non-maximum suppression step to produce the final
-detections") and section 3 (confidence threshold 0.01, per-class NMS with
-Jaccard overlap 0.45, top 200 detections per image).
+detections") and section 3.7, "Inference time" (confidence threshold 0.01,
+per-class NMS with jaccard overlap 0.45, top 200 detections per image).
 
 Written after the Caffe release's `DetectionOutput` layer (weiliu89/caffe,
 `detection_output_layer.cpp` and `ApplyNMSFast` in `bbox_util.cpp`): softmax
@@ -88,8 +88,8 @@ def detect(loc, conf_logits, priors, score_threshold: float = 0.01, iou_threshol
       pre_nms_top_k: most candidates per class entering NMS.
 
     Returns:
-      boxes: [K, 4] corners clipped to [0, 1], K <= top_k.
-      scores: [K] softmax scores, descending. Ties: lower class first, then
+      boxes: [K, 4] float64 corners clipped to [0, 1], K <= top_k.
+      scores: [K] float64 softmax scores, descending. Ties: lower class first, then
         lower prior index.
       labels: [K] int64 classes in 1..C.
     """
