@@ -82,10 +82,10 @@ def test_images_are_resized_and_normalized_boxes_kept():
 
 
 def test_batches_depend_only_on_the_seed():
-    first = _take(make_train_loader(SOURCE, seed=3, transform=_invert_colours_sometimes, **LOADER), 5)
-    again = _take(make_train_loader(SOURCE, seed=3, transform=_invert_colours_sometimes, **LOADER), 5)
-    _assert_same_batches(first, again)
-    other = next(make_train_loader(SOURCE, seed=4, transform=_invert_colours_sometimes, **LOADER))
+    augment = dict(transform=_invert_colours_sometimes, **LOADER)
+    first = _take(make_train_loader(SOURCE, seed=3, **augment), 5)
+    _assert_same_batches(_take(make_train_loader(SOURCE, seed=3, **augment), 5), first)
+    other = next(make_train_loader(SOURCE, seed=4, **augment))
     assert not np.array_equal(other["image"], first[0]["image"])
     plain = next(make_train_loader(SOURCE, seed=3, **LOADER))
     assert not np.array_equal(plain["image"], first[0]["image"]), "transform was applied"

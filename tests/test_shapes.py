@@ -22,8 +22,10 @@ def _pixel_boxes(example):
 
 def test_an_example_depends_only_on_split_seed_and_index():
     for index in (7, 0, 123):  # a fresh dataset, accessed out of order
-        _assert_same_example(ShapesDataset("validation", num_examples=200)[index], VALIDATION[index])
-    assert not np.array_equal(ShapesDataset("validation", seed=1)[7]["image"], VALIDATION[7]["image"])
+        fresh = ShapesDataset("validation", num_examples=200, image_size=SIZE)
+        _assert_same_example(fresh[index], VALIDATION[index])
+    other_seed = ShapesDataset("validation", image_size=SIZE, seed=1)
+    assert not np.array_equal(other_seed[7]["image"], VALIDATION[7]["image"])
 
 
 def test_train_and_validation_never_share_images():
@@ -34,7 +36,8 @@ def test_train_and_validation_never_share_images():
 
 
 def test_examples_have_documented_dtypes_and_valid_boxes_and_labels():
-    low_px = max(shapes.MIN_SIDE * SIZE, shapes.MIN_SIDE_PX)
+    low_px = np.floor(max(shapes.MIN_SIDE * SIZE, shapes.MIN_SIDE_PX))
+    high_px = np.ceil(shapes.MAX_SIDE * SIZE)
     for example in VALIDATION:
         boxes, labels = example["boxes"], example["labels"]
         assert example["image"].shape == (SIZE, SIZE, 3) and example["image"].dtype == np.uint8
@@ -45,14 +48,15 @@ def test_examples_have_documented_dtypes_and_valid_boxes_and_labels():
         assert np.all((labels >= 1) & (labels <= NUM_CLASSES))
         assert np.all((boxes >= 0) & (boxes <= 1))
         sides = (boxes[:, 2:] - boxes[:, :2]) * SIZE
-        assert np.all(sides >= np.floor(low_px)) and np.all(sides <= np.ceil(shapes.MAX_SIDE * SIZE))
+        assert np.all(sides >= low_px) and np.all(sides <= high_px)
 
 
 def test_each_box_is_the_tight_box_of_a_visible_contrasting_shape():
     for index in range(60):
         example, owner = VALIDATION.render(index)
         image = example["image"].astype(np.float32)
-        for k, ((x0, y0, x1, y1), label) in enumerate(zip(_pixel_boxes(example), example["labels"])):
+        boxes_px = _pixel_boxes(example)
+        for k, ((x0, y0, x1, y1), label) in enumerate(zip(boxes_px, example["labels"])):
             mine = owner[y0:y1, x0:x1] == k
             assert (owner == k).sum() == mine.sum(), "object pixels outside its box"
             # Its pixels touch all four sides of the box: the box is tight.
@@ -67,7 +71,8 @@ def test_each_box_is_the_tight_box_of_a_visible_contrasting_shape():
             # ... that stands out from the background around it.
             background = patch[owner[y0:y1, x0:x1] == -1]
             if len(background) >= 20:
-                assert np.linalg.norm(background.mean(axis=0) - colour) >= 0.75 * shapes.MIN_CONTRAST
+                contrast = np.linalg.norm(background.mean(axis=0) - colour)
+                assert contrast >= 0.75 * shapes.MIN_CONTRAST
 
 
 def test_counts_classes_and_sizes_vary_from_small_to_large():

@@ -100,10 +100,10 @@ def make_eval_loader(source, *, batch_size: int, max_boxes: int,
     int32 [N], "difficult": bool [N], "image_size": (height, width) of the source image}.
     The returned dataset can be iterated any number of times.
     """
-    return (grain.MapDataset.source(source)
-            .map(functools.partial(_eval_example, max_boxes=max_boxes, image_size=image_size))
-            .batch(batch_size, batch_fn=functools.partial(_padded_eval_batch, batch_size=batch_size))
-            .to_iter_dataset(READ_OPTIONS))
+    to_example = functools.partial(_eval_example, max_boxes=max_boxes, image_size=image_size)
+    to_batch = functools.partial(_padded_eval_batch, batch_size=batch_size)
+    return (grain.MapDataset.source(source).map(to_example)
+            .batch(batch_size, batch_fn=to_batch).to_iter_dataset(READ_OPTIONS))
 
 
 def _eval_example(example, *, max_boxes, image_size):

@@ -23,6 +23,7 @@ DEFAULT_NUM_EXAMPLES = {"train": 50_000, "validation": 1_000}
 MIN_SIDE = 0.08          # shortest object side, fraction of the image side ...
 MIN_SIDE_PX = 10         # ... and never below this many pixels, so every silhouette stays readable
 MAX_SIDE = 0.70          # longest object side, fraction of the image side
+MEAN_SIDE = (0.09, 0.6)  # sqrt(width * height) drawn log-uniformly in this range (x image side)
 MAX_ASPECT = 2.0         # width / height drawn log-uniformly in [1 / MAX_ASPECT, MAX_ASPECT]
 MIN_VISIBLE = 0.6        # fraction of an object's pixels that later objects must leave visible
 MIN_CONTRAST = 100.0     # RGB distance of an object's colour to the background and its neighbours
@@ -98,7 +99,7 @@ def _background(rng, size, grid=5):
 
 def _object_size(rng, size):
     """Width and height in pixels: log-uniform area and aspect ratio, clipped to the side limits."""
-    side = size * np.exp(rng.uniform(np.log(MIN_SIDE + 0.01), np.log(0.6)))
+    side = size * np.exp(rng.uniform(*np.log(MEAN_SIDE)))
     aspect = np.exp(rng.uniform(-np.log(MAX_ASPECT), np.log(MAX_ASPECT)))
     low, high = max(MIN_SIDE * size, MIN_SIDE_PX), MAX_SIDE * size
     width, height = np.clip([side * np.sqrt(aspect), side / np.sqrt(aspect)], low, high)
@@ -159,7 +160,10 @@ class ShapesDataset:
                              f"got {image_size}")
         if max_objects < 1:
             raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-        self.split, self.image_size, self.max_objects, self.seed = split, image_size, max_objects, seed
+        self.split = split
+        self.image_size = image_size
+        self.max_objects = max_objects
+        self.seed = seed
         self.num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
 
     def __len__(self) -> int:
@@ -184,7 +188,8 @@ class ShapesDataset:
                 label = int(rng.integers(1, NUM_CLASSES + 1))
                 mask = shape_mask(label, *_object_size(rng, size))
                 height, width = mask.shape
-                x0, y0 = int(rng.integers(0, size - width + 1)), int(rng.integers(0, size - height + 1))
+                x0 = int(rng.integers(0, size - width + 1))
+                y0 = int(rng.integers(0, size - height + 1))
                 new_owner = owner.copy()
                 new_owner[y0:y0 + height, x0:x0 + width][mask] = len(labels)
                 box = (x0, y0, x0 + width, y0 + height)
