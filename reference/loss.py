@@ -48,6 +48,7 @@ def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, al
     log_probs = log_softmax(conf_logits.astype(np.float64))
     cross_entropy = -np.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
     conf = 0.0
+    # A negative's cross-entropy is its background loss, the score it is mined by.
     for image_ce, image_positive in zip(cross_entropy, positive):
         hard_negatives = mine_hard_negatives(image_ce, image_positive, neg_pos_ratio)
         conf += image_ce[image_positive].sum() + image_ce[hard_negatives].sum()
