@@ -46,7 +46,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip_norm: float = 0.0
-    neg_pos_ratio: float = 3.0
+    neg_pos_ratio: int = 3
     match_iou_threshold: float = 0.5
     seed: int = 0
     workdir: str = "runs/voc"
