@@ -10,8 +10,7 @@ import sys
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
 from ssd_jax.flags import add_config_flags, config_from_args
 from ssd_jax.inference import format_ap_table
-from ssd_jax.model import get_config
-from ssd_jax.train import TrainConfig, train
+from ssd_jax.train import TrainConfig, model_config, train
 
 PRESETS = {
     # The paper's SSD300 on VOC07+12: 77.2 mAP (SSD300*) in the paper.
@@ -35,7 +34,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 def main(argv=None) -> None:
     config = parse_config(argv)
-    image_size = get_config(config.model).priors.image_size
+    image_size = model_config(config, num_classes=1).priors.image_size
     try:
         train_source, eval_source, class_names = get_sources(
             config.dataset, image_size=image_size, train_examples=config.train_examples,

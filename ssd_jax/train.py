@@ -35,6 +35,7 @@ class TrainConfig:
 
     dataset: str = "voc"
     model: str = "ssd300"
+    image_size: int = 0  # 0: the model's own; ssd_mini accepts other sizes
     dtype: str = "float32"
     batch_size: int = 32
     max_boxes: int = 50
@@ -131,9 +132,13 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
     return jax.jit(train_step, donate_argnums=0)
 
 
+def model_config(config: TrainConfig, num_classes: int) -> ModelConfig:
+    overrides = {"image_size": config.image_size} if config.image_size else {}
+    return get_config(config.model, num_classes=num_classes, dtype=config.dtype, **overrides)
+
+
 def build_model(config: TrainConfig, num_classes: int) -> SSD:
-    model_config = get_config(config.model, num_classes=num_classes, dtype=config.dtype)
-    return SSD(model_config, rngs=nnx.Rngs(config.seed))
+    return SSD(model_config(config, num_classes), rngs=nnx.Rngs(config.seed))
 
 
 class MetricsLog:
@@ -190,7 +195,8 @@ def train(config: TrainConfig, train_source, eval_source, class_names) -> dict:
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 
     def run_eval(step):
-        result = evaluate_source(predict, state, eval_source, config, model.config, len(class_names))
+        result = evaluate_source(predict, state, eval_source, config,
+                                 model.config.priors.image_size, len(class_names))
         log.write({"step": step, "map": result["map"]})
         return result
 
@@ -224,11 +230,10 @@ def train(config: TrainConfig, train_source, eval_source, class_names) -> dict:
     return result
 
 
-def evaluate_source(predict, state, source, config: TrainConfig, model_config: ModelConfig,
+def evaluate_source(predict, state, source, config: TrainConfig, image_size: int,
                     num_classes: int) -> dict:
     loader = pipeline.make_eval_loader(source, batch_size=config.batch_size,
-                                       max_boxes=config.max_boxes,
-                                       image_size=model_config.priors.image_size)
+                                       max_boxes=config.max_boxes, image_size=image_size)
     return inference.evaluate(predict, state.params, state.rest, loader, num_classes,
                               num_batches=-(-len(source) // config.batch_size))
 
