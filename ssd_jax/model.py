@@ -166,38 +166,44 @@ class ModelConfig:
 
 def ssd300(num_classes: int = 20, dtype: str = "float32", **overrides) -> ModelConfig:
     """SSD300 of the Caffe release: 6 source maps 38, 19, 10, 5, 3, 1 and 8732 priors."""
-    return ModelConfig(
+    config = ModelConfig(
         name="ssd300", priors=SSD300, num_classes=num_classes, dtype=dtype,
         backbone=_vgg16(pool3_ceil_mode=True),
         extras=(_extra_pair(8, 256, 512, stride=2) + _extra_pair(9, 128, 256, stride=2)
                 + _extra_pair(10, 128, 256, padding=0) + _extra_pair(11, 128, 256, padding=0)),
         sources=("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2"),
-        l2norm_source="conv4_3", **overrides)
+        l2norm_source="conv4_3")
+    return dataclasses.replace(config, **overrides)
 
 
 def ssd512(num_classes: int = 20, dtype: str = "float32", **overrides) -> ModelConfig:
     """SSD512 of the Caffe release: 7 source maps 64, ..., 1 and 24564 priors."""
-    return ModelConfig(
+    config = ModelConfig(
         name="ssd512", priors=SSD512, num_classes=num_classes, dtype=dtype,
         backbone=_vgg16(pool3_ceil_mode=False),
         extras=(_extra_pair(8, 256, 512, stride=2) + _extra_pair(9, 128, 256, stride=2)
                 + _extra_pair(10, 128, 256, stride=2) + _extra_pair(11, 128, 256, stride=2)
                 + _extra_pair(12, 128, 256, kernel=4, padding=1)),
         sources=("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2", "conv12_2"),
-        l2norm_source="conv4_3", **overrides)
+        l2norm_source="conv4_3")
+    return dataclasses.replace(config, **overrides)
 
 
 def ssd_mini(num_classes: int = 3, image_size: int = 128, dtype: str = "float32",
-             widths: tuple[int, int, int, int] = (16, 32, 64, 128), **overrides) -> ModelConfig:
+             widths: tuple[int, int, int, int] = (16, 32, 64, 96), s_min: float = 0.1,
+             s_max: float = 0.9, **overrides) -> ModelConfig:
     """A small VGG-style SSD that trains from scratch on a CPU (synthetic shapes).
 
-    Plain conv + ReLU like VGG, one conv per block up to stride 8, then stride-2
-    convs down to 1x1. At image_size 128 the source maps are 16, 8, 4, 2, 1
-    (cell steps 8..128 px) with 1524 priors; scales follow the paper's formula
-    from s_min 0.1 (12.8 px boxes) to s_max 0.9.
+    Plain conv + ReLU like VGG (no normalization layers, so no batch statistics),
+    down to stride 8 with one conv per block, then stride-2 convs down to 1x1.
+    conv1_1 has stride 2 instead of being followed by pool1: a full-resolution
+    conv and its gradient cost as much as the rest of the network on a CPU.
+    At image_size 128 the source maps are 16, 8, 4, 2, 1 (cell steps 8..128 px)
+    with 1524 priors; scales follow the paper's formula from s_min (0.1: 12.8 px
+    boxes) to s_max (0.9: 115 px).
     """
     w1, w2, w3, w4 = widths
-    backbone = (Conv("conv1_1", w1), MaxPool(), Conv("conv2_1", w2), MaxPool(),
+    backbone = (Conv("conv1_1", w1, stride=2), Conv("conv2_1", w2), MaxPool(ceil_mode=True),
                 Conv("conv3_1", w3), MaxPool(ceil_mode=True), Conv("conv4_1", w4),
                 Conv("conv4_2", w4), Conv("conv5_1", w4, stride=2))
     extras = (_extra_pair(6, w4 // 2, w4, stride=2) + _extra_pair(7, w4 // 2, w4, stride=2)
@@ -207,9 +213,10 @@ def ssd_mini(num_classes: int = 3, image_size: int = 128, dtype: str = "float32"
     shapes = conv_output_shapes(backbone + extras, image_size)
     priors = PriorConfig.from_paper(
         image_size, [shapes[name][0] for name in sources],
-        aspect_ratios=((2,), (2, 3), (2, 3), (2,), (2,)), s_min=0.1, s_max=0.9)
-    return ModelConfig(name="ssd_mini", priors=priors, num_classes=num_classes, dtype=dtype,
-                       backbone=backbone, extras=extras, sources=sources, **overrides)
+        aspect_ratios=((2,), (2, 3), (2, 3), (2,), (2,)), s_min=s_min, s_max=s_max)
+    config = ModelConfig(name="ssd_mini", priors=priors, num_classes=num_classes, dtype=dtype,
+                         backbone=backbone, extras=extras, sources=sources)
+    return dataclasses.replace(config, **overrides)
 
 
 CONFIGS = {"ssd300": ssd300, "ssd512": ssd512, "ssd_mini": ssd_mini}
