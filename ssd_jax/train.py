@@ -125,7 +125,7 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
         (_, terms), grads = grad_fn(state.params, state.rest, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(terms, grad_norm=optax.global_norm(grads),
+        metrics = dict(terms, grad_norm=optax.tree.norm(grads),
                        learning_rate=learning_rate_schedule(config)(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -162,66 +162,77 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {key: float(np.mean([m[key] for m in host])) for key in host[0]}
 
 
-def train(config: TrainConfig, train_source, eval_source, class_names) -> dict:
+def init_training(config: TrainConfig, num_classes: int, mesh):
+    """The model's graph, its train state replicated over `mesh`, and the jitted step."""
+    model = build_model(config, num_classes)
+    tx = make_optimizer(config)
+    graphdef, state = create_train_state(model, tx)
+    step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config)
+    return graphdef, replicate(state, mesh), step_fn
+
+
+def train(config: TrainConfig, train_source, eval_source, class_names, *,
+          transform=None, devices=None) -> dict:
     """Trains from scratch or resumes from the latest checkpoint in `workdir`.
 
-    Writes `workdir`/checkpoints (orbax), metrics.jsonl, loss_curve.png and, after
-    the final evaluation, eval.json. Returns the final evaluation result.
+    `transform(example, rng) -> example` augments training examples (None: none);
+    `devices` defaults to every device. Writes `workdir`/checkpoints (orbax),
+    metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json.
+    Returns the final evaluation result.
     """
     maybe_initialize_distributed()
-    mesh = data_mesh()
+    mesh = data_mesh(devices)
     local_batch_size = check_batch_size(config.batch_size, mesh)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    image_size = model_config(config, len(class_names)).priors.image_size
 
-    model = build_model(config, len(class_names))
-    priors = prior_boxes(model.config.priors)
-    tx = make_optimizer(config)
-    graphdef, state = create_train_state(model, tx)
-    state = replicate(state, mesh)
+    graphdef, state, train_step = init_training(config, len(class_names), mesh)
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    meta = dict(model=config.model, dtype=config.dtype, class_names=list(class_names),
-                train=dataclasses.asdict(config))
+    meta = dict(class_names=list(class_names), train=dataclasses.asdict(config))
     if manager.latest_step() is not None:
         state, _ = restore(manager, state)
     start_step = int(state.step)
-
     loader = pipeline.make_train_loader(
         train_source, batch_size=local_batch_size, max_boxes=config.max_boxes,
-        image_size=model.config.priors.image_size, seed=config.seed,
+        image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step)
-    train_step = make_train_step(graphdef, tx, priors, config)
-    predict = inference.make_predict_fn(graphdef, priors)
+    predict = inference.make_predict_fn(
+        graphdef, prior_boxes(model_config(config, len(class_names)).priors))
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 
     def run_eval(step):
-        result = evaluate_source(predict, state, eval_source, config,
-                                 model.config.priors.image_size, len(class_names))
+        result = evaluate_source(predict, state, eval_source, config, image_size, len(class_names))
         log.write({"step": step, "map": result["map"]})
         return result
 
     bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
                desc="train", unit="step")
     pending, last_time = [], time.perf_counter()
-    for step in bar:
-        state, metrics = train_step(state, shard_batch(next(loader), mesh))
-        pending.append(metrics)
-        done = step + 1
-        if done % config.log_every == 0 or done == config.num_steps:
-            record = _mean_metrics(pending)
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(f"non-finite loss {record['loss']} at step {done}: "
-                                         "lower --learning_rate or set --grad_clip_norm")
-            now = time.perf_counter()
-            record.update(step=done, images_per_s=len(pending) * config.batch_size / (now - last_time))
-            pending, last_time = [], now
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}")
-        if done % config.checkpoint_every == 0 or done == config.num_steps:
-            save(manager, done, state, meta)
-        if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-            run_eval(done)
-    manager.wait_until_finished()
+    try:
+        for step in bar:
+            state, metrics = train_step(state, shard_batch(next(loader), mesh))
+            pending.append(metrics)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                now = time.perf_counter()
+                record = dict(step=done, **_mean_metrics(pending),
+                              images_per_s=len(pending) * config.batch_size / (now - last_time))
+                if not np.isfinite(record["loss"]):
+                    raise FloatingPointError(f"non-finite loss {record['loss']} at step {done}: "
+                                             "lower --learning-rate or set --grad-clip-norm")
+                pending, last_time = [], now
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                img_s=f"{record['images_per_s']:.1f}")
+            if done % config.checkpoint_every == 0 or done == config.num_steps:
+                save(manager, done, state, meta)
+            if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+                run_eval(done)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        loader.close()
 
     result = run_eval(config.num_steps)
     plot_loss_curve(log.records, workdir / "loss_curve.png")

@@ -1,7 +1,10 @@
 import os
 
-# Tests run on the CPU; several fake devices let sharding tests run anywhere.
+# Tests run on the CPU; 8 fake CPU devices let the sharding tests run anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
