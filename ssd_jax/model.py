@@ -86,14 +86,15 @@ def conv_output_shapes(layers: tuple[Layer, ...], image_size: int) -> dict[str, 
     return shapes
 
 
-def _vgg16(pool3_ceil_mode: bool) -> tuple[Layer, ...]:
+def _vgg16() -> tuple[Layer, ...]:
     """VGG16 conv1_1..conv5_3, then pool5 (3x3, stride 1) and fc6/fc7 as conv6
-    (3x3, dilation 6) and conv7 (1x1), as in the paper's section 3 ("atrous")."""
+    (3x3, dilation 6) and conv7 (1x1), as in the paper's section 3 ("atrous").
+    Caffe's pools round up; only pool3 of SSD300 (75 -> 38) sees an odd size."""
     layers = []
     for block, (repeat, features) in enumerate([(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)], 1):
         layers += [Conv(f"conv{block}_{i}", features) for i in range(1, repeat + 1)]
         if block < 5:
-            layers.append(MaxPool(ceil_mode=pool3_ceil_mode and block == 3))
+            layers.append(MaxPool(ceil_mode=True))
     return tuple(layers) + (
         MaxPool(window=3, stride=1, padding=1),
         Conv("conv6", 1024, kernel=3, padding=6, dilation=6),
@@ -168,7 +169,7 @@ def ssd300(num_classes: int = 20, dtype: str = "float32", **overrides) -> ModelC
     """SSD300 of the Caffe release: 6 source maps 38, 19, 10, 5, 3, 1 and 8732 priors."""
     config = ModelConfig(
         name="ssd300", priors=SSD300, num_classes=num_classes, dtype=dtype,
-        backbone=_vgg16(pool3_ceil_mode=True),
+        backbone=_vgg16(),
         extras=(_extra_pair(8, 256, 512, stride=2) + _extra_pair(9, 128, 256, stride=2)
                 + _extra_pair(10, 128, 256, padding=0) + _extra_pair(11, 128, 256, padding=0)),
         sources=("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2"),
@@ -180,7 +181,7 @@ def ssd512(num_classes: int = 20, dtype: str = "float32", **overrides) -> ModelC
     """SSD512 of the Caffe release: 7 source maps 64, ..., 1 and 24564 priors."""
     config = ModelConfig(
         name="ssd512", priors=SSD512, num_classes=num_classes, dtype=dtype,
-        backbone=_vgg16(pool3_ceil_mode=False),
+        backbone=_vgg16(),
         extras=(_extra_pair(8, 256, 512, stride=2) + _extra_pair(9, 128, 256, stride=2)
                 + _extra_pair(10, 128, 256, stride=2) + _extra_pair(11, 128, 256, stride=2)
                 + _extra_pair(12, 128, 256, kernel=4, padding=1)),
@@ -255,30 +256,24 @@ class SSD(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtype = DTYPES[config.dtype]
-        make_conv = lambda in_features, out_features, kernel, **kw: nnx.Conv(
-            in_features, out_features, (kernel, kernel), dtype=dtype, param_dtype=jnp.float32,
-            kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros,
-            rngs=rngs, **kw)
-        channels, convs = 3, {}
+        convs, channels = {}, 3
         for layer in config.layers:
             if isinstance(layer, Conv):
-                convs[layer.name] = make_conv(
-                    channels, layer.features, layer.kernel, strides=layer.stride,
-                    padding=[(layer.padding, layer.padding)] * 2,
-                    kernel_dilation=layer.dilation)
+                convs[layer.name] = _conv(config, channels, layer, rngs)
                 channels = layer.features
         self.backbone = nnx.Dict({name: convs[name] for name in _conv_names(config.backbone)})
         self.extras = nnx.Dict({name: convs[name] for name in _conv_names(config.extras)})
         source_channels = dict(zip(config.sources, (c for _, c in config.source_shapes())))
         self.l2norm = (L2Norm(source_channels[config.l2norm_source])
                        if config.l2norm_source is not None else None)
-        boxes = dict(zip(config.sources, config.priors.boxes_per_location))
-        self.loc = nnx.Dict({name: make_conv(source_channels[name], boxes[name] * 4, 3, padding=[(1, 1)] * 2)
-                             for name in config.sources})
-        self.conf = nnx.Dict({name: make_conv(source_channels[name], boxes[name] * (config.num_classes + 1),
-                                              3, padding=[(1, 1)] * 2)
-                              for name in config.sources})
+
+        def heads(values_per_box):
+            return nnx.Dict({
+                name: _conv(config, source_channels[name], Conv(name, n * values_per_box), rngs)
+                for name, n in zip(config.sources, config.priors.boxes_per_location)})
+
+        self.loc = heads(4)
+        self.conf = heads(config.num_classes + 1)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Predicts box offsets and class logits for every prior.
@@ -310,7 +305,7 @@ class SSD(nnx.Module):
 
     def normalize(self, images: jax.Array) -> jax.Array:
         """[B, S, S, 3] pixels in 0..255 -> standardized, in the compute dtype."""
-        size = self.config.priors.image_size
+        images, size = jnp.asarray(images), self.config.priors.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
             raise ValueError(f"{self.config.name} takes images of shape [B, {size}, {size}, 3] "
                              f"(NHWC RGB), got {tuple(images.shape)}")
@@ -327,6 +322,16 @@ class SSD(nnx.Module):
         extra = layer.extra_padding(x.shape[1])
         pad = [(layer.padding, layer.padding + extra)] * 2
         return nnx.max_pool(x, (layer.window,) * 2, strides=(layer.stride,) * 2, padding=pad)
+
+
+def _conv(config: ModelConfig, in_features: int, layer: Conv, rngs: nnx.Rngs) -> nnx.Conv:
+    """The nnx.Conv of `layer`: Xavier-uniform kernel and zero bias as in ssd.pytorch,
+    float32 parameters, computing in config.dtype."""
+    return nnx.Conv(
+        in_features, layer.features, (layer.kernel,) * 2, strides=layer.stride,
+        padding=[(layer.padding, layer.padding)] * 2, kernel_dilation=layer.dilation,
+        dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 def _conv_names(layers: tuple[Layer, ...]) -> list[str]:
