@@ -1,0 +1,239 @@
+"""PASCAL VOC detection data (Everingham et al. 2010) as random-access sources.
+
+Two readers return identical examples:
+
+- `VOCFolder` reads a plain `VOCdevkit/` folder (the extracted VOC tars): the split lists in
+  `VOC<year>/ImageSets/Main/<set>.txt`, the XML files in `Annotations/`, the JPEGs in `JPEGImages/`.
+- `VOCTfds` reads TFDS's prepared `voc/2007` and `voc/2012` (array_record files) with
+  `tfds.data_source`: random access without TensorFlow. `prepare_voc` builds those files once
+  (that step does need TensorFlow: `pip install -e '.[voc]'`).
+
+`dataset[i]` is {"image": uint8 [H, W, 3] RGB, "boxes": float32 [G, 4] corners (xmin, ymin, xmax,
+ymax) in [0, 1], "labels": int32 [G] in 1..20 (index in VOC_CLASSES + 1), "difficult": bool [G],
+"image_id": str (e.g. "000005"), "image_size": (H, W)}.
+
+Boxes follow TFDS exactly, so both readers agree to the bit: the 1-based pixel indices of the XML
+are divided by the width / height the XML states (xmin / width, no 1 subtracted), in float64,
+then rounded to float32. This puts boxes at most one pixel right of / below their true pixel edges.
+
+The paper's data: train on VOC2007 trainval + VOC2012 trainval (16,551 images), test on VOC2007
+test (4,952 images, the only VOC test set with public annotations).
+"""
+import argparse
+import bisect
+import itertools
+import operator
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+NUM_CLASSES = len(VOC_CLASSES)
+TRAIN_SPLITS = (("2007", "trainval"), ("2012", "trainval"))
+TEST_SPLITS = (("2007", "test"),)
+# TFDS splits VOC's "trainval" into its "train" and "validation" splits.
+TFDS_SPLITS = {"trainval": "train+validation", "train": "train", "val": "validation",
+               "test": "test"}
+TFDS_YEARS = ("2007", "2012")
+PREPARE_COMMAND = "pip install -e '.[voc]' && python -m ssd_jax.data.voc [--data-dir DIR]"
+
+
+def _check_index(index, length: int) -> int:
+    index = operator.index(index)
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} examples")
+    return index
+
+
+def _limit(total: int, max_examples: int) -> int:
+    return min(total, max_examples) if max_examples > 0 else total
+
+
+def parse_annotation(path) -> dict:
+    """One VOC XML annotation -> {"boxes": float32 [G, 4] corners (xmin, ymin, xmax, ymax) in
+    [0, 1], "labels": int32 [G] in 1..20, "difficult": bool [G]}, objects in file order."""
+    root = ElementTree.parse(path).getroot()
+    width, height = (float(root.findtext(f"size/{side}")) for side in ("width", "height"))
+    boxes, labels, difficult = [], [], []
+    for obj in root.iter("object"):
+        name = obj.findtext("name", "").strip().lower()
+        if name not in VOC_CLASSES:
+            raise ValueError(f"{path}: unknown class {name!r}, expected one of {VOC_CLASSES}")
+        labels.append(VOC_CLASSES.index(name) + 1)
+        difficult.append(obj.findtext("difficult", "0").strip() == "1")
+        boxes.append([float(obj.findtext(f"bndbox/{key}"))
+                      for key in ("xmin", "ymin", "xmax", "ymax")])
+    scale = np.array([width, height, width, height])
+    return {
+        "boxes": (np.asarray(boxes, np.float64).reshape(-1, 4) / scale).astype(np.float32),
+        "labels": np.asarray(labels, np.int32),
+        "difficult": np.asarray(difficult, bool),
+    }
+
+
+def read_image(path) -> np.ndarray:
+    """A JPEG as uint8 [H, W, 3] RGB, decoded with Pillow (as TFDS does without OpenCV)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class VOCFolder:
+    """Random-access VOC source over a `VOCdevkit/` folder.
+
+    Args:
+      root: the VOCdevkit folder (it holds VOC2007/, VOC2012/, ...).
+      splits: (year, image set) pairs, concatenated in order, e.g. TRAIN_SPLITS or TEST_SPLITS.
+      max_examples: keep only the first this many examples (0: all).
+    """
+
+    class_names = VOC_CLASSES
+    num_classes = NUM_CLASSES
+
+    def __init__(self, root, splits=TRAIN_SPLITS, max_examples: int = 0):
+        self.root = Path(root)
+        self.splits = tuple(splits)
+        self.ids = []  # (year, image id)
+        for year, image_set in self.splits:
+            listing = self.root / f"VOC{year}" / "ImageSets" / "Main" / f"{image_set}.txt"
+            if not listing.is_file():
+                raise FileNotFoundError(
+                    f"VOC{year} {image_set} split list not found: expected {listing} "
+                    "(a VOCdevkit folder as extracted from the VOC tars)")
+            self.ids += [(year, line.strip()) for line in listing.read_text().splitlines()
+                         if line.strip()]
+        self.ids = self.ids[:_limit(len(self.ids), max_examples)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index) -> dict:
+        year, image_id = self.ids[_check_index(index, len(self))]
+        folder = self.root / f"VOC{year}"
+        image = read_image(folder / "JPEGImages" / f"{image_id}.jpg")
+        return {"image": image, **parse_annotation(folder / "Annotations" / f"{image_id}.xml"),
+                "image_id": image_id, "image_size": image.shape[:2]}
+
+
+def from_tfds_example(example: dict) -> dict:
+    """A `voc` example as `tfds.data_source` returns it -> this module's example format.
+
+    TFDS boxes are (ymin, xmin, ymax, xmax) in [0, 1] and labels 0..19; its sequences may come
+    back as lists of arrays, empty lists when an image has no objects.
+    """
+    objects = example["objects"]
+    image = np.asarray(example["image"])
+    if image.shape[-1] == 1:  # grayscale JPEG: Pillow's convert("RGB") repeats the channel
+        image = np.repeat(image, 3, axis=-1)
+    filename = example["image/filename"]
+    filename = filename.decode() if isinstance(filename, bytes) else str(filename)
+    return {
+        "image": image,
+        "boxes": np.asarray(objects["bbox"], np.float32).reshape(-1, 4)[:, [1, 0, 3, 2]],
+        "labels": np.asarray(objects["label"], np.int32).reshape(-1) + 1,
+        "difficult": np.asarray(objects["is_difficult"], bool).reshape(-1),
+        "image_id": filename.removesuffix(".jpg"),
+        "image_size": image.shape[:2],
+    }
+
+
+class VOCTfds:
+    """Random-access VOC source over TFDS's prepared `voc/<year>` data (see `prepare_voc`).
+
+    Args:
+      splits: (year, image set) pairs, concatenated in order; image sets are VOC's names
+        ("trainval", "train", "val", "test").
+      data_dir: the TFDS data dir (None: TFDS's default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
+      max_examples: keep only the first this many examples (0: all).
+    """
+
+    class_names = VOC_CLASSES
+    num_classes = NUM_CLASSES
+
+    def __init__(self, splits=TRAIN_SPLITS, data_dir=None, max_examples: int = 0):
+        self.splits = tuple(splits)
+        self.sources = [tfds.data_source(f"voc/{year}", split=TFDS_SPLITS[image_set],
+                                         data_dir=data_dir, download=False)
+                        for year, image_set in self.splits]
+        self.starts = list(itertools.accumulate(map(len, self.sources), initial=0))
+        self.length = _limit(self.starts[-1], max_examples)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index) -> dict:
+        index = _check_index(index, len(self))
+        part = bisect.bisect_right(self.starts, index) - 1
+        return from_tfds_example(self.sources[part][index - self.starts[part]])
+
+
+def tfds_prepared(data_dir=None, years=TFDS_YEARS) -> bool:
+    """True if TFDS's voc/<year> is prepared in `data_dir` for every year."""
+    return all(tfds.builder(f"voc/{year}", data_dir=data_dir).is_prepared() for year in years)
+
+
+def find_voc(data_dir=None, *, train_examples: int = 0, test_examples: int = 0):
+    """The paper's (train, test) sources from `data_dir`, which is either a VOCdevkit folder, a
+    folder holding one, or a TFDS data dir with voc/2007 and voc/2012 prepared (None or "": TFDS's
+    default). Raises FileNotFoundError saying what was looked for."""
+    if data_dir:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"VOC data dir {folder} does not exist")
+        for devkit in (folder, folder / "VOCdevkit"):
+            if (devkit / "VOC2007").is_dir():
+                return (VOCFolder(devkit, TRAIN_SPLITS, train_examples),
+                        VOCFolder(devkit, TEST_SPLITS, test_examples))
+    if tfds_prepared(data_dir or None):
+        return (VOCTfds(TRAIN_SPLITS, data_dir or None, train_examples),
+                VOCTfds(TEST_SPLITS, data_dir or None, test_examples))
+    where = data_dir or f"the default TFDS data dir ({tfds.core.constants.DATA_DIR})"
+    raise FileNotFoundError(f"no PASCAL VOC in {where}: expected a VOCdevkit folder (with "
+                            "VOC2007/ and VOC2012/) or TFDS-prepared voc/2007 and voc/2012")
+
+
+def _require_prepare_dependencies() -> None:
+    missing = []
+    for module in ("tensorflow", "importlib_resources"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"preparing VOC with TFDS needs {' and '.join(missing)} (TFDS's VOC "
+                          "builder reads files through TensorFlow): pip install -e '.[voc]'. "
+                          "Reading a plain VOCdevkit folder needs neither.")
+
+
+def prepare_voc(data_dir=None, manual_dir=None) -> None:
+    """Downloads VOC2007 and VOC2012 and writes TFDS's array_record files into `data_dir`.
+
+    manual_dir: a folder already holding the original tars under their own names
+    (VOCtrainval_06-Nov-2007.tar, VOCtest_06-Nov-2007.tar, VOCtrainval_11-May-2012.tar and
+    VOC2012test.tar); TFDS checks their checksums and downloads nothing. Needs TensorFlow.
+    """
+    _require_prepare_dependencies()
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    for year in TFDS_YEARS:
+        builder = tfds.builder(f"voc/{year}", data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare(download_config=download_config)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Prepare PASCAL VOC 2007 + 2012 with TFDS "
+                                     "(array_record), for --dataset voc.")
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
+    parser.add_argument("--manual-dir", default=None,
+                        help="folder holding the VOC tars already downloaded")
+    args = parser.parse_args(argv)
+    prepare_voc(args.data_dir, args.manual_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""PASCAL VOC readers: a tiny VOCdevkit written by the test, read as a folder and through TFDS."""
+import importlib
+import pickle
+import sys
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from ssd_jax.data import pipeline, voc
+from ssd_jax.data.sources import DatasetUnavailableError, get_sources
+
+# (year, image set) -> {image id: (width, height, image mode, objects)};
+# an object is (class name, xmin, ymin, xmax, ymax in 1-based pixels, difficult).
+IMAGES = {
+    ("2007", "trainval"): {
+        "000005": (50, 40, "RGB", [("chair", 3, 4, 20, 40, False),
+                                   ("dog", 1, 1, 50, 39, False),
+                                   ("pottedplant", 30, 10, 45, 22, True)]),
+        "000007": (64, 48, "RGB", [("car", 10, 12, 60, 47, False)]),
+        "000009": (33, 57, "RGB", [("person", 2, 5, 30, 50, False),
+                                   ("person", 4, 6, 9, 20, False),
+                                   ("tvmonitor", 20, 30, 33, 57, False),
+                                   ("aeroplane", 1, 2, 3, 4, False)]),
+    },
+    ("2007", "test"): {
+        "000001": (45, 45, "RGB", [("dog", 5, 5, 40, 44, False), ("bird", 7, 8, 9, 10, True)]),
+    },
+    ("2012", "trainval"): {
+        "2008_000002": (40, 30, "L", [("sheep", 1, 3, 39, 30, False),
+                                      ("cow", 10, 10, 20, 20, False)]),
+        "2008_000003": (30, 40, "RGB", [("bottle", 11, 3, 19, 40, True)]),
+    },
+}
+
+
+def _annotation_xml(width, height, objects):
+    parts = [f"<annotation><folder>VOC</folder><size><width>{width}</width>"
+             f"<height>{height}</height><depth>3</depth></size>"]
+    for name, xmin, ymin, xmax, ymax, difficult in objects:
+        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{xmin}</xmin>"
+                     f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
+    return "\n".join(parts + ["</annotation>"])
+
+
+def _write_image(path, width, height, mode, seed):
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 50, height)[:, None, None]
+    pixels = np.clip(ramp + rng.integers(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def devkit(tmp_path_factory):
+    """A VOCdevkit folder holding IMAGES; its parent is where the tars would be extracted."""
+    root = tmp_path_factory.mktemp("voc") / "VOCdevkit"
+    for seed, ((year, image_set), images) in enumerate(IMAGES.items()):
+        folder = root / f"VOC{year}"
+        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        for index, (image_id, (width, height, mode, objects)) in enumerate(images.items()):
+            _write_image(folder / "JPEGImages" / f"{image_id}.jpg", width, height, mode,
+                         (seed, index))
+            (folder / "Annotations" / f"{image_id}.xml").write_text(
+                _annotation_xml(width, height, objects))
+        (folder / "ImageSets/Main" / f"{image_set}.txt").write_text("\n".join(images) + "\n")
+        if image_set == "trainval":  # TFDS builds its train and validation splits from these
+            ids = list(images)
+            (folder / "ImageSets/Main/train.txt").write_text("\n".join(ids[:1]) + "\n")
+            (folder / "ImageSets/Main/val.txt").write_text("\n".join(ids[1:]) + "\n")
+    # TFDS's voc/2012 also builds a (never annotated) test split: give it one image.
+    (root / "VOC2012/ImageSets/Main/test.txt").write_text("2008_000002\n")
+    return root
+
+
+@pytest.fixture
+def tfds_voc_builder(monkeypatch):
+    """TFDS's VOC builder module. It opens files with tf.io.gfile; without TensorFlow installed,
+    that is pointed at open(), which is all it needs for local files."""
+    module = importlib.import_module("tensorflow_datasets.object_detection.voc")
+    if importlib.util.find_spec("tensorflow") is None:
+        gfile = SimpleNamespace(GFile=open)
+        monkeypatch.setattr(module, "tf", SimpleNamespace(io=SimpleNamespace(gfile=gfile)))
+    return module
+
+
+def _assert_same_example(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype, key
+
+
+def _by_id(source):
+    return {example["image_id"]: example for example in (source[i] for i in range(len(source)))}
+
+
+def test_folder_reader_parses_boxes_labels_difficult_and_image_size(devkit):
+    source = voc.VOCFolder(devkit, voc.TRAIN_SPLITS)
+    expected = {**IMAGES[("2007", "trainval")], **IMAGES[("2012", "trainval")]}
+    assert len(source) == len(expected)
+    for index, (image_id, (width, height, mode, objects)) in enumerate(expected.items()):
+        example = source[index]
+        assert example["image_id"] == image_id
+        assert example["image"].dtype == np.uint8 and example["image"].shape == (height, width, 3)
+        assert example["image_size"] == (height, width)
+        year = "2012" if image_id.startswith("2008") else "2007"
+        with Image.open(devkit / f"VOC{year}/JPEGImages/{image_id}.jpg") as image:
+            assert image.mode == mode
+            np.testing.assert_array_equal(example["image"], np.asarray(image.convert("RGB")))
+        pixels = np.array([obj[1:5] for obj in objects], np.float64)
+        np.testing.assert_array_equal(
+            example["boxes"], (pixels / [width, height, width, height]).astype(np.float32))
+        assert example["boxes"].dtype == np.float32
+        assert example["labels"].dtype == np.int32
+        names = [voc.VOC_CLASSES[label - 1] for label in example["labels"]]
+        assert names == [obj[0] for obj in objects]
+        np.testing.assert_array_equal(example["difficult"], [obj[5] for obj in objects])
+    assert voc.VOC_CLASSES[0] == "aeroplane" and voc.VOC_CLASSES[-1] == "tvmonitor"
+    assert len(voc.VOC_CLASSES) == 20
+
+
+def test_folder_reader_indexes_like_a_sequence_and_pickles(devkit):
+    source = voc.VOCFolder(devkit, voc.TEST_SPLITS)
+    assert len(source) == 1
+    with pytest.raises(IndexError):
+        source[1]
+    _assert_same_example(pickle.loads(pickle.dumps(source))[0], source[0])
+    assert len(voc.VOCFolder(devkit, voc.TRAIN_SPLITS, max_examples=2)) == 2
+
+
+def test_folder_reader_names_the_missing_split_list(devkit, tmp_path):
+    with pytest.raises(FileNotFoundError, match="VOC2010.ImageSets.Main.trainval.txt"):
+        voc.VOCFolder(devkit, (("2007", "trainval"), ("2010", "trainval")))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "VOC2007")):
+        voc.VOCFolder(tmp_path, voc.TEST_SPLITS)
+
+
+def test_unknown_class_name_is_reported_with_its_file(tmp_path):
+    path = tmp_path / "bad.xml"
+    path.write_text(_annotation_xml(10, 10, [("unicorn", 1, 1, 5, 5, False)]))
+    with pytest.raises(ValueError, match="bad.xml.*unicorn"):
+        voc.parse_annotation(path)
+
+
+def _tfds_example(builder_module, devkit, year, image_id):
+    """The example TFDS's own VOC builder generates for `image_id`, encoded, serialized and read
+    back the way tfds.data_source reads it."""
+    builder = builder_module.Voc(config=year, data_dir=str(devkit.parent / "no_tfds_data"))
+    generated = builder._generate_example(str(devkit.parent), image_id, load_annotations=True)
+    features = builder.info.features
+    return features.deserialize_example_np(
+        features.serialize_example(features.encode_example(generated)))
+
+
+def test_tfds_builder_examples_convert_to_exactly_the_folder_examples(devkit, tfds_voc_builder):
+    for year, image_set in IMAGES:
+        folder = voc.VOCFolder(devkit, [(year, image_set)])
+        for index in range(len(folder)):
+            expected = folder[index]
+            tfds_example = _tfds_example(tfds_voc_builder, devkit, year, expected["image_id"])
+            _assert_same_example(voc.from_tfds_example(tfds_example), expected)
+
+
+def test_tfds_source_concatenates_years_read_with_tfds_data_source(devkit, tfds_voc_builder):
+    """tfds.data_source under tfds.testing.mock_data, serving the builder's own examples."""
+    image_sets = {tfds_split: image_set for image_set, tfds_split in voc.TFDS_SPLITS.items()}
+    served = []  # (year, tfds split) asked for
+
+    def fake_as_data_source(builder, split, **unused):
+        year = builder.builder_config.name
+        served.append((year, split))
+        ids = IMAGES.get((year, image_sets[split]), {})
+        return [_tfds_example(tfds_voc_builder, devkit, year, image_id) for image_id in ids]
+
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
+                                as_data_source_fn=fake_as_data_source):
+        train = voc.VOCTfds(voc.TRAIN_SPLITS, data_dir=str(devkit.parent))
+        test = voc.VOCTfds(voc.TEST_SPLITS, data_dir=str(devkit.parent), max_examples=5)
+        assert served == [("2007", "train+validation"), ("2012", "train+validation"),
+                          ("2007", "test")]
+        for tfds_source, splits in ((train, voc.TRAIN_SPLITS), (test, voc.TEST_SPLITS)):
+            folder = voc.VOCFolder(devkit, splits)
+            assert len(tfds_source) == len(folder)
+            for index in range(len(folder)):  # same order here: the fake serves the listed order
+                _assert_same_example(tfds_source[index], folder[index])
+        with pytest.raises(IndexError):
+            train[len(train)]
+
+
+def test_prepared_tfds_voc_reads_like_the_folder(devkit, tfds_voc_builder, tmp_path):
+    """End to end: TFDS prepares voc/2007 and voc/2012 (array_record) from the tiny devkit, then
+    get_sources finds and reads them. Preparing needs importlib_resources (the [voc] extra)."""
+    pytest.importorskip("importlib_resources")
+    data_dir = tmp_path / "tfds"
+    extracted = {"trainval": str(devkit.parent), "test": str(devkit.parent)}
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                           lambda self, urls: extracted):
+        for year in voc.TFDS_YEARS:
+            builder = tfds.builder(f"voc/{year}", data_dir=str(data_dir),
+                                   file_format="array_record")
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    train, test, class_names = get_sources("voc", image_size=300, data_dir=str(data_dir))
+    assert isinstance(train, voc.VOCTfds) and class_names == voc.VOC_CLASSES
+    for tfds_source, splits in ((train, voc.TRAIN_SPLITS), (test, voc.TEST_SPLITS)):
+        # TFDS shuffles examples when it writes them: compare by image id.
+        expected, got = _by_id(voc.VOCFolder(devkit, splits)), _by_id(tfds_source)
+        assert got.keys() == expected.keys()
+        for image_id in expected:
+            _assert_same_example(got[image_id], expected[image_id])
+
+
+def test_prepare_voc_runs_tfds_with_tensorflow(devkit, tmp_path):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("importlib_resources")
+    extracted = {"trainval": str(devkit.parent), "test": str(devkit.parent)}
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                           lambda self, urls: extracted):
+        voc.prepare_voc(data_dir=tmp_path)
+    assert voc.tfds_prepared(tmp_path)
+    assert len(voc.VOCTfds(voc.TEST_SPLITS, data_dir=tmp_path)) == 1
+
+
+def test_prepare_voc_without_tensorflow_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` fail
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[voc\]'"):
+        voc.prepare_voc(data_dir=tmp_path)
+
+
+def test_get_sources_reads_a_devkit_folder_or_the_folder_holding_it(devkit):
+    for data_dir in (devkit, devkit.parent):
+        train, test, class_names = get_sources("voc", image_size=300, data_dir=str(data_dir))
+        assert isinstance(train, voc.VOCFolder) and isinstance(test, voc.VOCFolder)
+        assert (len(train), len(test)) == (5, 1) and class_names == voc.VOC_CLASSES
+    train, test, _ = get_sources("voc", image_size=300, data_dir=str(devkit), train_examples=2,
+                                 eval_examples=7)
+    assert (len(train), len(test)) == (2, 1)
+
+
+@pytest.mark.parametrize("where", ["empty", "missing", "no_voc2012"])
+def test_missing_voc_raises_dataset_unavailable_with_what_to_do(where, tmp_path, devkit):
+    data_dir = {"empty": tmp_path, "missing": tmp_path / "nowhere", "no_voc2012": tmp_path}[where]
+    if where == "no_voc2012":
+        (tmp_path / "VOC2007").symlink_to(devkit / "VOC2007")
+    with pytest.raises(DatasetUnavailableError) as error:
+        get_sources("voc", image_size=300, data_dir=str(data_dir))
+    message = str(error.value)
+    assert str(data_dir) in message
+    for hint in ("--data-dir", "pip install -e '.[voc]'", "--dataset shapes"):
+        assert hint in message
+    if where == "no_voc2012":
+        assert "VOC2012" in message
+
+
+def test_pipeline_batches_voc_examples(devkit):
+    loader = pipeline.make_train_loader(voc.VOCFolder(devkit), batch_size=2, max_boxes=3,
+                                        seed=0, image_size=32)
+    batch = next(loader)
+    assert batch["image"].shape == (2, 32, 32, 3) and batch["boxes"].shape == (2, 3, 4)
+    assert batch["mask"].sum() > 0
