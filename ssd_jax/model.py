@@ -192,7 +192,7 @@ def ssd512(num_classes: int = 20, dtype: str = "float32", **overrides) -> ModelC
 
 def ssd_mini(num_classes: int = 3, image_size: int = 128, dtype: str = "float32",
              widths: tuple[int, int, int, int] = (16, 32, 64, 96), s_min: float = 0.1,
-             s_max: float = 0.9, **overrides) -> ModelConfig:
+             s_max: float = 0.7, **overrides) -> ModelConfig:
     """A small VGG-style SSD that trains from scratch on a CPU (synthetic shapes).
 
     Plain conv + ReLU like VGG (no normalization layers, so no batch statistics),
@@ -201,7 +201,8 @@ def ssd_mini(num_classes: int = 3, image_size: int = 128, dtype: str = "float32"
     conv and its gradient cost as much as the rest of the network on a CPU.
     At image_size 128 the source maps are 16, 8, 4, 2, 1 (cell steps 8..128 px)
     with 1524 priors; scales follow the paper's formula from s_min (0.1: 12.8 px
-    boxes) to s_max (0.9: 115 px).
+    boxes) to s_max (0.7: 90 px), the object sizes of `ssd_jax.data.shapes`
+    (sides from 8% to 70% of the image).
     """
     w1, w2, w3, w4 = widths
     backbone = (Conv("conv1_1", w1, stride=2), Conv("conv2_1", w2), MaxPool(ceil_mode=True),
