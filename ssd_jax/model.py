@@ -91,7 +91,8 @@ def _vgg16() -> tuple[Layer, ...]:
     (3x3, dilation 6) and conv7 (1x1), as in the paper's section 3 ("atrous").
     Caffe's pools round up; only pool3 of SSD300 (75 -> 38) sees an odd size."""
     layers = []
-    for block, (repeat, features) in enumerate([(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)], 1):
+    blocks = [(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)]  # (convs, channels)
+    for block, (repeat, features) in enumerate(blocks, 1):
         layers += [Conv(f"conv{block}_{i}", features) for i in range(1, repeat + 1)]
         if block < 5:
             layers.append(MaxPool(ceil_mode=True))
@@ -310,7 +311,7 @@ class SSD(nnx.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
             raise ValueError(f"{self.config.name} takes images of shape [B, {size}, {size}, 3] "
                              f"(NHWC RGB), got {tuple(images.shape)}")
-        if not (jnp.issubdtype(images.dtype, jnp.integer) or jnp.issubdtype(images.dtype, jnp.floating)):
+        if not any(jnp.issubdtype(images.dtype, kind) for kind in (jnp.integer, jnp.floating)):
             raise ValueError(f"images must hold integer or float pixel values, got {images.dtype}")
         mean = np.asarray(self.config.pixel_mean, np.float32)
         std = np.asarray(self.config.pixel_std, np.float32)

@@ -58,7 +58,8 @@ def test_outputs_have_one_float32_row_per_prior(make_config, num_priors, dtype):
 
 
 def test_source_maps_have_the_caffe_sizes_and_channels():
-    assert ssd300().source_shapes() == [(38, 512), (19, 1024), (10, 512), (5, 256), (3, 256), (1, 256)]
+    assert ssd300().source_shapes() == [
+        (38, 512), (19, 1024), (10, 512), (5, 256), (3, 256), (1, 256)]
     assert [size for size, _ in ssd512().source_shapes()] == [64, 32, 16, 8, 4, 2, 1]
 
 
@@ -68,7 +69,7 @@ def test_parameters_carry_the_vgg_and_caffe_layer_names():
     vgg = [f"conv{b}_{i}" for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for i in range(1, n + 1)]
     for name in vgg + ["conv6", "conv7"]:
         assert f"backbone/{name}/kernel" in shapes and f"backbone/{name}/bias" in shapes
-    for name in ["conv8_1", "conv8_2", "conv9_1", "conv9_2", "conv10_1", "conv10_2", "conv11_1", "conv11_2"]:
+    for name in [f"conv{block}_{i}" for block in range(8, 12) for i in (1, 2)]:
         assert f"extras/{name}/kernel" in shapes
     assert shapes["backbone/conv1_1/kernel"] == (3, 3, 3, 64)  # HWIO
     assert shapes["backbone/conv6/kernel"] == (3, 3, 512, 1024)
@@ -163,8 +164,8 @@ def test_bfloat16_model_is_close_to_float32_on_the_same_parameters(mini_config, 
         assert 0 < relative_error < 0.02  # > 0: the convs really ran in bfloat16
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (2, 128, 128, 1), (2, 128, 128, 4), (128, 128, 3),
-                                   (2, 3, 128, 128)])
+@pytest.mark.parametrize("shape", [
+    (2, 64, 64, 3), (2, 128, 128, 1), (2, 128, 128, 4), (128, 128, 3), (2, 3, 128, 128)])
 def test_wrong_image_shape_raises(mini_model, shape):
     with pytest.raises(ValueError, match=r"\[B, 128, 128, 3\]"):
         mini_model(np.zeros(shape, np.uint8))
@@ -196,7 +197,8 @@ def test_registry_builds_every_config_with_overrides():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(dtype="float16"), "dtype"), (dict(num_classes=0), "num_classes"),
-    (dict(pixel_std=(1.0, 0.0, 1.0)), "pixel_std"), (dict(l2norm_source="conv1_1"), "l2norm_source")])
+    (dict(pixel_std=(1.0, 0.0, 1.0)), "pixel_std"),
+    (dict(l2norm_source="conv1_1"), "l2norm_source")])
 def test_invalid_config_raises(overrides, message):
     with pytest.raises(ValueError, match=message):
         ssd300(**overrides)
