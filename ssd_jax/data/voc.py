@@ -62,7 +62,7 @@ def parse_annotation(path) -> dict:
     root = ElementTree.parse(path).getroot()
     width, height = (float(root.findtext(f"size/{side}")) for side in ("width", "height"))
     boxes, labels, difficult = [], [], []
-    for obj in root.iter("object"):
+    for obj in root.findall("object"):  # direct children, as TFDS reads them
         name = obj.findtext("name", "").strip().lower()
         if name not in VOC_CLASSES:
             raise ValueError(f"{path}: unknown class {name!r}, expected one of {VOC_CLASSES}")
