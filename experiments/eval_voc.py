@@ -19,6 +19,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a training run's checkpoints/ folder (or the run folder)")
     parser.add_argument("--dataset", choices=DATASETS, default="voc")
+    parser.add_argument("--data-dir", default="", help="VOCdevkit folder or TFDS data dir")
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-examples", type=int, default=0)
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     image_size = model.config.priors.image_size
     try:
         _, source, _ = get_sources(args.dataset, image_size=image_size,
-                                   eval_examples=args.eval_examples)
+                                   eval_examples=args.eval_examples, data_dir=args.data_dir)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     try:
         train_source, eval_source, class_names = get_sources(
             config.dataset, image_size=image_size, train_examples=config.train_examples,
-            eval_examples=config.eval_examples, seed=config.seed)
+            eval_examples=config.eval_examples, seed=config.seed, data_dir=config.data_dir)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
     result = train(config, train_source, eval_source, class_names)

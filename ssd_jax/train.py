@@ -14,19 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
 from reference.priors import prior_boxes
 from ssd_jax import inference
 from ssd_jax.checkpoint import checkpoint_manager, load_meta, restore, save
+from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
 from ssd_jax.model import SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
-from ssd_jax.sharding import check_batch_size, data_mesh, maybe_initialize_distributed, replicate, shard_batch
+from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_distributed,
+                              replicate, shard_batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,9 @@ class TrainConfig:
     """Everything a training run needs; every field is a command-line flag."""
 
     dataset: str = "voc"
+    data_dir: str = ""
     model: str = "ssd300"
+    backbone_weights: str = ""  # ImageNet VGG16 from experiments.convert_vgg16
     image_size: int = 0  # 0: the model's own; ssd_mini accepts other sizes
     dtype: str = "float32"
     batch_size: int = 32
@@ -132,13 +135,17 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
     return jax.jit(train_step, donate_argnums=0)
 
 
-def model_config(config: TrainConfig, num_classes: int) -> ModelConfig:
-    overrides = {"image_size": config.image_size} if config.image_size else {}
+def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelConfig:
+    """The ModelConfig a training run builds; `overrides` replace its fields."""
+    if config.image_size:
+        overrides.setdefault("image_size", config.image_size)
+    if config.backbone_weights and "pixel_mean" not in overrides:
+        overrides.update(backbone_pixel_stats(config.backbone_weights))
     return get_config(config.model, num_classes=num_classes, dtype=config.dtype, **overrides)
 
 
-def build_model(config: TrainConfig, num_classes: int) -> SSD:
-    return SSD(model_config(config, num_classes), rngs=nnx.Rngs(config.seed))
+def build_model(config: TrainConfig, num_classes: int, **overrides) -> SSD:
+    return SSD(model_config(config, num_classes, **overrides), rngs=nnx.Rngs(config.seed))
 
 
 class MetricsLog:
@@ -165,6 +172,8 @@ def _mean_metrics(pending: list[dict]) -> dict:
 def init_training(config: TrainConfig, num_classes: int, mesh):
     """The model's graph, its train state replicated over `mesh`, and the jitted step."""
     model = build_model(config, num_classes)
+    if config.backbone_weights:
+        load_backbone_weights(model, config.backbone_weights)
     tx = make_optimizer(config)
     graphdef, state = create_train_state(model, tx)
     step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config)
@@ -185,11 +194,15 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *,
     local_batch_size = check_batch_size(config.batch_size, mesh)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    image_size = model_config(config, len(class_names)).priors.image_size
+    run_model_config = model_config(config, len(class_names))
+    image_size = run_model_config.priors.image_size
 
     graphdef, state, train_step = init_training(config, len(class_names), mesh)
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    meta = dict(class_names=list(class_names), train=dataclasses.asdict(config))
+    # The pixel statistics are stored because the backbone weight file that set
+    # them may be gone when the checkpoint is used.
+    meta = dict(class_names=list(class_names), train=dataclasses.asdict(config),
+                pixel_mean=run_model_config.pixel_mean, pixel_std=run_model_config.pixel_std)
     if manager.latest_step() is not None:
         state, _ = restore(manager, state)
     start_step = int(state.step)
@@ -197,8 +210,7 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *,
         train_source, batch_size=local_batch_size, max_boxes=config.max_boxes,
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step)
-    predict = inference.make_predict_fn(
-        graphdef, prior_boxes(model_config(config, len(class_names)).priors))
+    predict = inference.make_predict_fn(graphdef, prior_boxes(run_model_config.priors))
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 
     def run_eval(step):
@@ -267,9 +279,10 @@ def load_trained_model(directory, step: int | None = None):
     config = config_from_meta(meta)
     tx = make_optimizer(config)
 
-    def init_state():
-        return create_train_state(build_model(config, len(meta["class_names"])), tx)[1]
+    def new_model():
+        return build_model(config, len(meta["class_names"]),
+                           pixel_mean=tuple(meta["pixel_mean"]), pixel_std=tuple(meta["pixel_std"]))
 
-    state, _ = restore(manager, jax.eval_shape(init_state), step)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, len(meta["class_names"]))))
+    state, _ = restore(manager, jax.eval_shape(lambda: create_train_state(new_model(), tx)[1]), step)
+    graphdef = nnx.graphdef(nnx.eval_shape(new_model))
     return nnx.merge(graphdef, state.params, state.rest), meta
