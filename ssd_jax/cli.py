@@ -1,0 +1,127 @@
+"""The `ssd-jax` command.
+
+    ssd-jax detect --checkpoint runs/shapes photos/ extra.jpg --out detections/
+
+writes to OUT, for every readable image among the inputs (files, and the files of folders):
+  <stem>.png (or .jpg for JPEG inputs)  the image with its detections drawn
+  detections.json  COCO results: [{"image_id", "category_id", "bbox": [x, y, w, h] pixels,
+                   "score"}], category_id = label in 1..C
+  images.json      the COCO dataset skeleton the results refer to: {"images": [{"id",
+                   "file_name", "width", "height"}], "categories": [{"id", "name"}]}, so
+                   `COCO("images.json").loadRes("detections.json")` loads them.
+Unreadable files are reported on stderr and skipped.
+"""
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import absl.logging
+from tqdm.auto import tqdm
+
+from ssd_jax.detector import DEFAULT_SCORE_THRESHOLD, Detector, draw_detections, load_image
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ssd-jax", description="SSD object detection.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    detect = commands.add_parser(
+        "detect", help="detect objects in images", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    detect.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    detect.add_argument("--checkpoint", required=True,
+                        help="a training run's folder (or its checkpoints/ folder)")
+    detect.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    detect.add_argument("--out", required=True, type=Path, help="output folder")
+    detect.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
+    detect.add_argument("--iou-threshold", type=float, default=0.45, help="NMS IoU threshold")
+    detect.add_argument("--top-k", type=int, default=100, help="most detections per image")
+    detect.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on read-only checkpoints
+    return run_detect(args)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    try:
+        detector = Detector.from_checkpoint(
+            args.checkpoint, step=args.step, score_threshold=args.score_threshold,
+            iou_threshold=args.iou_threshold, top_k=args.top_k, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = list_inputs(args.inputs)
+    images, results, output_names = [], [], set()
+    readable = _readable_images(tqdm(files, desc="detect", unit="image"))
+    for chunk in _chunks(readable, args.batch_size):
+        for (path, image), detections in zip(chunk, detector([image for _, image in chunk])):
+            image_id = len(images) + 1
+            name = _output_name(path, output_names)
+            draw_detections(image, detections).save(args.out / name)
+            images.append({"id": image_id, "file_name": name, "source": str(path),
+                           "width": image.shape[1], "height": image.shape[0]})
+            results.extend(coco_results(image_id, detections))
+
+    categories = [{"id": i, "name": name} for i, name in enumerate(detector.class_names, 1)]
+    (args.out / "images.json").write_text(json.dumps(
+        {"images": images, "categories": categories}, indent=1))
+    (args.out / "detections.json").write_text(json.dumps(results))
+    print(f"{len(results)} detections in {len(images)} images written to {args.out} "
+          f"({len(files) - len(images)} skipped)")
+    if not images:
+        sys.exit("error: none of the inputs is a readable image")
+    return 0
+
+
+def list_inputs(inputs) -> list[Path]:
+    """The given files, and the files (not hidden, not in subfolders) of the given folders,
+    sorted by name. Missing paths are reported on stderr and left out."""
+    files = []
+    for name in map(Path, inputs):
+        if name.is_dir():
+            files += sorted(p for p in name.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif name.exists():
+            files.append(name)
+        else:
+            print(f"skipped {name}: no such file or folder", file=sys.stderr)
+    return files
+
+
+def coco_results(image_id: int, detections: dict) -> list[dict]:
+    """One image's detections as COCO result records (bbox [x, y, w, h] in pixels)."""
+    return [{"image_id": image_id, "category_id": int(label),
+             "bbox": [round(float(x), 2) for x in (xmin, ymin, xmax - xmin, ymax - ymin)],
+             "score": round(float(score), 5)}
+            for (xmin, ymin, xmax, ymax), score, label
+            in zip(detections["boxes"], detections["scores"], detections["labels"])]
+
+
+def _readable_images(paths):
+    """(path, uint8 [H, W, 3] image) of each readable file; the others are reported on stderr."""
+    for path in paths:
+        try:
+            yield path, load_image(path)
+        except ValueError as error:
+            tqdm.write(f"skipped: {error}", file=sys.stderr)
+
+
+def _chunks(iterable, size: int):
+    """Lists of `size` consecutive items (the last one shorter)."""
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _output_name(path: Path, taken: set) -> str:
+    """<stem>.png (.jpg for JPEG inputs), numbered if two inputs share a stem."""
+    suffix = ".jpg" if path.suffix.lower() in (".jpg", ".jpeg") else ".png"
+    name, number = path.stem + suffix, 1
+    while name in taken:
+        name, number = f"{path.stem}_{number}{suffix}", number + 1
+    taken.add(name)
+    return name
+
+
+if __name__ == "__main__":
+    sys.exit(main())
