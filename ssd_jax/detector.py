@@ -46,7 +46,18 @@ class Detector:
 
     def __init__(self, model, class_names, *, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                  iou_threshold: float = 0.45, top_k: int = 200, batch_size: int = 8):
-        """Wraps an in-memory `model.SSD` whose labels 1..C are named by `class_names` (C names)."""
+        """Wraps an in-memory model.
+
+        Args:
+          model: an `ssd_jax.model.SSD`.
+          class_names: C names, of labels 1..C.
+          score_threshold: a detection needs a class probability above it (default 0.3: what the
+            model is fairly sure of; mAP evaluation uses 0.01).
+          iou_threshold: per-class NMS overlap above which the lower-scored box is dropped.
+          top_k: most detections per image.
+          batch_size: images per compiled call; more uses the accelerator better, and costs
+            padding when fewer images are given.
+        """
         if len(class_names) != model.config.num_classes:
             raise ValueError(f"the model has {model.config.num_classes} classes but "
                              f"{len(class_names)} class names were given")
@@ -77,8 +88,6 @@ class Detector:
         ValueError if the checkpoint is not one ssd_jax can load."""
         try:
             model, meta = load_trained_model(path, step)
-        except FileNotFoundError:
-            raise
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} is not a checkpoint this version of ssd_jax can load "
                              f"({type(error).__name__}: {error})") from error
@@ -139,11 +148,9 @@ def load_image(image, name: str | None = None) -> np.ndarray:
             with Image.open(image) as opened:
                 return np.asarray(opened.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            reason = ("not an image format Pillow knows" if isinstance(error, UnidentifiedImageError)
-                      else error.strerror if isinstance(error, OSError) and error.strerror
-                      else str(error))
             prefix = f"{name}: " if name else ""
-            raise ValueError(f"{prefix}cannot read image file {os.fspath(image)!r}: {reason}") from None
+            raise ValueError(f"{prefix}cannot read image file {os.fspath(image)!r}: "
+                             f"{_reason(error)}") from None
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     name = name or "image"
@@ -159,6 +166,15 @@ def load_image(image, name: str | None = None) -> np.ndarray:
     if channels == 3:
         return array
     return np.asarray(Image.fromarray(array).convert("RGB"))
+
+
+def _reason(error: Exception) -> str:
+    """Why a file could not be read, without repeating its path."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow knows"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror  # e.g. "No such file or directory"
+    return str(error)
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -183,11 +199,12 @@ def draw_detections(image, detections: dict) -> Image.Image:
         xmin, ymin, xmax, ymax = (float(v) for v in box)
         draw.rectangle((xmin, ymin, xmax, ymax), outline=colour, width=width)
         text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        text_y = ymin - (bottom - top) - 2 * width if ymin > bottom - top + 2 * width else ymin
-        draw.rectangle((xmin, text_y, xmin + right + 2 * width, text_y + bottom + width),
-                       fill=colour)
-        draw.text((xmin + width, text_y), text, fill=_text_colour(colour), font=font)
+        _, _, text_width, text_height = draw.textbbox((0, 0), text, font=font)
+        label_height = text_height + 2 * width
+        # Above the box, or inside it when the box touches the image's top.
+        top = ymin - label_height if ymin >= label_height else ymin
+        draw.rectangle((xmin, top, xmin + text_width + 2 * width, top + label_height), fill=colour)
+        draw.text((xmin + width, top + width), text, fill=_text_colour(colour), font=font)
     return canvas
 
 
