@@ -7,8 +7,9 @@ writes to OUT, for every readable image among the inputs (files, and the files o
   detections.json  COCO results: [{"image_id", "category_id", "bbox": [x, y, w, h] pixels,
                    "score"}], category_id = label in 1..C
   images.json      the COCO dataset skeleton the results refer to: {"images": [{"id",
-                   "file_name", "width", "height"}], "categories": [{"id", "name"}]}, so
-                   `COCO("images.json").loadRes("detections.json")` loads them.
+                   "file_name", "width", "height", "source" (input path)}], "categories":
+                   [{"id", "name"}]}, so pycocotools loads them with
+                   `COCO("images.json").loadRes("detections.json")`.
 Unreadable files are reported on stderr and skipped.
 """
 import argparse
@@ -34,10 +35,15 @@ def main(argv=None) -> int:
                         help="a training run's folder (or its checkpoints/ folder)")
     detect.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     detect.add_argument("--out", required=True, type=Path, help="output folder")
-    detect.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
-    detect.add_argument("--iou-threshold", type=float, default=0.45, help="NMS IoU threshold")
-    detect.add_argument("--top-k", type=int, default=100, help="most detections per image")
-    detect.add_argument("--batch-size", type=int, default=8)
+    detect.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                        help=f"minimum class probability (default {DEFAULT_SCORE_THRESHOLD}; "
+                             "mAP evaluation uses 0.01)")
+    detect.add_argument("--iou-threshold", type=float, default=0.45,
+                        help="per-class NMS overlap threshold (default 0.45)")
+    detect.add_argument("--top-k", type=int, default=100,
+                        help="most detections per image (default 100)")
+    detect.add_argument("--batch-size", type=int, default=8,
+                        help="images per compiled call (default 8)")
     args = parser.parse_args(argv)
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on read-only checkpoints
     return run_detect(args)
@@ -50,8 +56,11 @@ def run_detect(args: argparse.Namespace) -> int:
             iou_threshold=args.iou_threshold, top_k=args.top_k, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
-    args.out.mkdir(parents=True, exist_ok=True)
     files = list_inputs(args.inputs)
+    if any(path.resolve().parent == args.out.resolve() for path in files):
+        sys.exit(f"error: --out {args.out} holds input images, which annotated images of the "
+                 "same name would overwrite: choose another folder")
+    args.out.mkdir(parents=True, exist_ok=True)
     images, results, output_names = [], [], set()
     readable = _readable_images(tqdm(files, desc="detect", unit="image"))
     for chunk in _chunks(readable, args.batch_size):
@@ -68,7 +77,7 @@ def run_detect(args: argparse.Namespace) -> int:
         {"images": images, "categories": categories}, indent=1))
     (args.out / "detections.json").write_text(json.dumps(results))
     print(f"{len(results)} detections in {len(images)} images written to {args.out} "
-          f"({len(files) - len(images)} skipped)")
+          f"({len(files) - len(images)} unreadable files skipped)")
     if not images:
         sys.exit("error: none of the inputs is a readable image")
     return 0

@@ -228,3 +228,11 @@ def test_cli_incompatible_checkpoint_exits_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit) as exit:
         main(["detect", "--checkpoint", str(tmp_path), str(tmp_path), "--out", str(tmp_path)])
     assert "is not a checkpoint this version of ssd_jax can load" in str(exit.value.code)
+
+
+def test_cli_refuses_to_write_into_a_folder_of_its_inputs(checkpoint, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+    with pytest.raises(SystemExit) as exit:
+        main(["detect", "--checkpoint", str(checkpoint), str(tmp_path), "--out", str(tmp_path)])
+    assert "would overwrite" in str(exit.value.code)
+    assert Image.open(tmp_path / "image.png").getextrema() == ((0, 0),) * 3
