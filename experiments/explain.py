@@ -244,7 +244,8 @@ FIGURES = {
     "matching": (draw_matching, "Matching (`reference.matching.match`): each ground-truth box "
                  "claims its best prior (step 1, even when the overlap is low), then every prior "
                  "with IoU >= 0.5 joins it (step 2). Objects are matched on the maps of their "
-                 "scale."),
+                 "scale; a made-up 8 x 99 px sliver, which no prior overlaps by 0.5, gets only "
+                 "its best prior."),
     "encoding": (draw_encoding, "Encoding (`reference.encoding.encode`, `decode`): a matched "
                  "prior's target is the offset of its gt box (paper eq. 2, divided by the "
                  "variances 0.1 and 0.2); decoding the offsets gives back the gt box exactly."),
