@@ -30,6 +30,12 @@ from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_dist
                               replicate, shard_batch)
 
 
+OPTIMIZERS = {
+    "sgd": lambda schedule, config: optax.sgd(schedule, momentum=config.momentum),
+    "adam": lambda schedule, config: optax.adam(schedule),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; every field is a command-line flag."""
@@ -43,6 +49,7 @@ class TrainConfig:
     batch_size: int = 32
     max_boxes: int = 50
     num_steps: int = 120_000
+    optimizer: str = "sgd"  # "sgd" (the paper's, with momentum) or "adam"
     learning_rate: float = 1e-3
     warmup_steps: int = 1000
     decay_steps: tuple[int, ...] = (80_000, 100_000)
@@ -65,6 +72,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_steps < 1:
             raise ValueError("batch_size and num_steps must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if list(self.decay_steps) != sorted(self.decay_steps):
             raise ValueError(f"decay_steps must be increasing, got {self.decay_steps}")
 
@@ -90,11 +99,12 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """The paper's SGD: momentum 0.9, weight decay 5e-4 (on kernels only, as Caffe's
-    decay_mult 0 for biases and the L2Norm scale)."""
+    decay_mult 0 for biases and the L2Norm scale). Adam, for small models trained
+    from scratch, gets the same L2 weight decay."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
     parts += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-              optax.sgd(learning_rate_schedule(config), momentum=config.momentum)]
+              OPTIMIZERS[config.optimizer](learning_rate_schedule(config), config)]
     return optax.chain(*parts)
 
 
@@ -169,6 +179,14 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {key: float(np.mean([m[key] for m in host])) for key in host[0]}
 
 
+def checkpoint_meta(config: TrainConfig, class_names, model_config: ModelConfig) -> dict:
+    """The JSON saved beside the state: enough to rebuild the model without the data.
+    Pixel statistics are kept because the backbone weight file that set them may be
+    gone when the checkpoint is used."""
+    return dict(class_names=list(class_names), train=dataclasses.asdict(config),
+                pixel_mean=model_config.pixel_mean, pixel_std=model_config.pixel_std)
+
+
 def init_training(config: TrainConfig, num_classes: int, mesh):
     """The model's graph, its train state replicated over `mesh`, and the jitted step."""
     model = build_model(config, num_classes)
@@ -199,10 +217,7 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *,
 
     graphdef, state, train_step = init_training(config, len(class_names), mesh)
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    # The pixel statistics are stored because the backbone weight file that set
-    # them may be gone when the checkpoint is used.
-    meta = dict(class_names=list(class_names), train=dataclasses.asdict(config),
-                pixel_mean=run_model_config.pixel_mean, pixel_std=run_model_config.pixel_std)
+    meta = checkpoint_meta(config, class_names, run_model_config)
     if manager.latest_step() is not None:
         state, _ = restore(manager, state)
     start_step = int(state.step)

@@ -48,8 +48,7 @@ def checkpoint(tmp_path_factory):
     config = dataclasses.replace(TINY, workdir=str(workdir))
     model = random_model(config)
     _, state = train_lib.create_train_state(model, train_lib.make_optimizer(config))
-    meta = dict(class_names=list(CLASS_NAMES), train=dataclasses.asdict(config),
-                pixel_mean=model.config.pixel_mean, pixel_std=model.config.pixel_std)
+    meta = train_lib.checkpoint_meta(config, CLASS_NAMES, model.config)
     manager = checkpoint_manager(workdir / "checkpoints")
     save(manager, 0, state, meta)
     manager.wait_until_finished()
