@@ -1,0 +1,187 @@
+"""Input pipeline throughput of SSD300 training: `python -m experiments.bench_input`.
+
+Writes VOC-sized JPEGs (500x375, smooth colour gradients, pixel noise and filled shapes with their
+boxes) to a temporary folder, then measures the full host-side work per training image: JPEG
+decode, `ssd_train_transform`, resize to 300x300 (`pipeline.resize_image`) and padding of the
+targets (`pipeline.pad_targets`):
+
+  1. in this process, per step, for the fast transform (`ssd_jax.data.augment`) and the
+     reference (`reference.augment`);
+  2. through `pipeline.make_train_loader` with grain worker processes.
+
+Figures are images per second per CPU core, i.e. images per CPU-second of every process involved,
+so they hold on a busy machine; wall-clock rates are printed too. Target: >= 200 per core.
+"""
+import argparse
+import cProfile
+import multiprocessing
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image, ImageDraw
+
+from reference import augment as reference_augment
+from ssd_jax.data import augment as fast_augment
+from ssd_jax.data.pipeline import make_train_loader, pad_targets, resize_image
+
+WIDTH, HEIGHT = 500, 375     # a typical PASCAL VOC image
+IMAGE_SIZE = 300             # SSD300
+MAX_BOXES = 50               # VOC images hold at most 42 objects
+TARGET = 200                 # images/s per core
+
+
+def write_jpegs(directory: Path, count: int, seed: int = 0) -> list[dict]:
+    """`count` JPEGs with 1..8 filled rectangles or ellipses each; returns their annotations
+    {"path", "boxes" float32 [G, 4] normalized corners, "labels" int32 [G] in 1..20,
+    "difficult" bool [G]}."""
+    rng = np.random.default_rng(seed)
+    annotations = []
+    for index in range(count):
+        coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        canvas = Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.BILINEAR)
+        draw = ImageDraw.Draw(canvas)
+        boxes = []
+        for _ in range(rng.integers(1, 9)):
+            width, height = rng.integers(20, WIDTH // 2), rng.integers(20, HEIGHT // 2)
+            left, top = rng.integers(0, WIDTH - width), rng.integers(0, HEIGHT - height)
+            box = (left, top, left + width, top + height)
+            shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
+            shape((box[0], box[1], box[2] - 1, box[3] - 1),
+                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            boxes.append(box)
+        noisy = np.asarray(canvas, np.int16) + rng.integers(-12, 13, (HEIGHT, WIDTH, 3))
+        path = directory / f"{index:04d}.jpg"
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+        count = len(boxes)
+        annotations.append({
+            "path": str(path),
+            "boxes": (np.asarray(boxes, np.float32) / [WIDTH, HEIGHT, WIDTH, HEIGHT]).astype(
+                np.float32),
+            "labels": rng.integers(1, 21, count).astype(np.int32),
+            "difficult": rng.random(count) < 0.1,
+        })
+    return annotations
+
+
+class JpegSource:
+    """Random-access source that decodes its JPEG on every access, as a VOC reader does."""
+
+    def __init__(self, annotations: list[dict]):
+        self.annotations = annotations
+
+    def __len__(self):
+        return len(self.annotations)
+
+    def __getitem__(self, index):
+        annotation = self.annotations[index]
+        with Image.open(annotation["path"]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        return {"image": pixels, **{key: annotation[key]
+                                    for key in ("boxes", "labels", "difficult")}}
+
+
+def _cpu_seconds(processes) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def time_steps(source: JpegSource, transform, repeats: int) -> dict[str, float]:
+    """CPU milliseconds per image of each step, the best of `repeats` passes over the source."""
+    best = {}
+    for _ in range(repeats):
+        spent = dict.fromkeys(("decode", "augment", "resize", "pad"), 0.0)
+        for index in range(len(source)):
+            start = time.process_time()
+            example = source[index]
+            decoded = time.process_time()
+            example = transform(example, np.random.default_rng(index))
+            augmented = time.process_time()
+            example = resize_image(example, IMAGE_SIZE)
+            resized = time.process_time()
+            pad_targets(example, MAX_BOXES)
+            done = time.process_time()
+            for key, elapsed in zip(spent, (decoded - start, augmented - decoded,
+                                            resized - augmented, done - resized)):
+                spent[key] += elapsed
+        for key, elapsed in spent.items():
+            best[key] = min(best.get(key, np.inf), 1e3 * elapsed / len(source))
+    best["total"] = sum(best.values())
+    return best
+
+
+def time_loader(source: JpegSource, transform, workers: int, batches: int,
+                batch_size: int) -> tuple[float, float]:
+    """(images per CPU-second over this process and the workers, images per wall second) of
+    `make_train_loader`, after the workers have started and delivered a first batch."""
+    loader = make_train_loader(source, batch_size=batch_size, max_boxes=MAX_BOXES, seed=0,
+                               transform=transform, worker_count=workers, image_size=IMAGE_SIZE)
+    try:
+        next(loader)
+        processes = [psutil.Process()] + [psutil.Process(child.pid)
+                                          for child in multiprocessing.active_children()]
+        cpu_start, wall_start = _cpu_seconds(processes), time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        cpu, wall = _cpu_seconds(processes) - cpu_start, time.perf_counter() - wall_start
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
+    images = batches * batch_size
+    return images / cpu, images / wall
+
+
+def profile(source: JpegSource, transform, top: int = 15) -> None:
+    """cProfile of the single-process loop: where the time goes, by function."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    time_steps(source, transform, repeats=1)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="single-process passes (best)")
+    parser.add_argument("--workers", type=int, nargs="*", default=[2],
+                        help="grain worker counts to measure")
+    parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the loop")
+    args = parser.parse_args(argv)
+
+    transforms = {"fast": fast_augment.ssd_train_transform(IMAGE_SIZE),
+                  "reference": reference_augment.ssd_train_transform(IMAGE_SIZE)}
+    with tempfile.TemporaryDirectory() as directory:
+        source = JpegSource(write_jpegs(Path(directory), args.images))
+        print(f"{args.images} JPEGs {WIDTH}x{HEIGHT}; per image: decode, ssd_train_transform, "
+              f"resize to {IMAGE_SIZE}, pad to {MAX_BOXES} boxes")
+        print("single process, CPU ms per image (best of "
+              f"{args.repeats} passes):")
+        for name, transform in transforms.items():
+            steps = time_steps(source, transform, args.repeats)
+            breakdown = "  ".join(f"{key} {value:.2f}" for key, value in steps.items())
+            print(f"  {name:9s}  {breakdown}  -> {1e3 / steps['total']:.0f} images/s per core")
+        if args.profile:
+            profile(source, transforms["fast"])
+        for workers in args.workers:
+            per_core, per_second = time_loader(source, transforms["fast"], workers,
+                                               args.batches, args.batch_size)
+            print(f"grain, {workers} workers, fast transform: {per_core:.0f} images/s per core "
+                  f"({per_second:.0f} images/s wall clock)")
+        print(f"target: >= {TARGET} images/s per core")
+
+
+if __name__ == "__main__":
+    main()
