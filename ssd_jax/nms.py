@@ -2,9 +2,12 @@
 `reference.nms` with fixed-size outputs.
 
 Greedy NMS is sequential (a box survives only if no kept, higher-scored box
-overlaps it), so it is one `lax.fori_loop` over the score-sorted candidates
-whose body is a vector op on a precomputed IoU matrix: O(N) steps, O(N^2)
-memory. `detect` runs it for all classes at once with `jax.vmap`.
+overlaps it), so it is one `lax.while_loop` over the score-sorted candidates,
+stopping after the last valid one, whose body is a vector op on one row of
+IoUs: O(N) steps. `nms` precomputes the IoU matrix (O(N^2) memory); `detect`
+runs the loop for all classes at once with `jax.vmap` and computes each row in
+its step, since usually few of its pre_nms_top_k candidates pass the score
+threshold.
 
 Under `jax.jit`, the sizes `max_output_size`, `top_k` and `pre_nms_top_k` must
 be static; the thresholds may be static or traced (the public functions below
@@ -60,25 +63,34 @@ def _nms(boxes, scores, mask, iou_threshold, max_output_size):
     # lax.top_k breaks ties by lower index, i.e. it is a stable descending sort.
     _, order = lax.top_k(jnp.where(mask, scores, -jnp.inf), num_boxes)
     sorted_boxes = boxes[order]
-    keep = _greedy_sweep(iou(sorted_boxes, sorted_boxes), mask[order], iou_threshold)
-    (positions,) = jnp.nonzero(keep, size=max_output_size, fill_value=0)
-    valid = jnp.arange(max_output_size) < keep.sum()
+    ious = iou(sorted_boxes, sorted_boxes)
+    keep = _greedy_sweep(lambda i: ious[i], mask[order], iou_threshold)
+    positions, valid = _kept_positions(keep, max_output_size)
     return jnp.where(valid, order[positions], 0).astype(jnp.int32), valid
 
 
-def _greedy_sweep(ious, keep, iou_threshold):
+def _greedy_sweep(iou_row, keep, iou_threshold):
     """keep[N] after greedy NMS of boxes already sorted by descending score.
 
-    When step i runs, every box before i is final, so keep[i] is final too and
-    box i may suppress the boxes after it.
+    iou_row(i) is the [N] IoU of box i with every box. When step i runs, every
+    box before i is final, so keep[i] is final too and box i may suppress the
+    boxes after it. Steps stop after the last box valid on entry.
     """
     positions = jnp.arange(keep.shape[0])
+    num_steps = jnp.max(jnp.where(keep, positions + 1, 0))
 
-    def visit(i, keep):
-        suppressed = keep[i] & (ious[i] > iou_threshold) & (positions > i)
-        return keep & ~suppressed
+    def visit(state):
+        i, keep = state
+        suppressed = keep[i] & (iou_row(i) > iou_threshold) & (positions > i)
+        return i + 1, keep & ~suppressed
 
-    return lax.fori_loop(0, keep.shape[0], visit, keep)
+    return lax.while_loop(lambda state: state[0] < num_steps, visit, (0, keep))[1]
+
+
+def _kept_positions(keep, max_output_size):
+    """(positions of the first max_output_size True entries of keep, 0 padded; valid mask)."""
+    (positions,) = jnp.nonzero(keep, size=max_output_size, fill_value=0)
+    return positions, jnp.arange(max_output_size) < keep.sum()
 
 
 def detect(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0.45,
@@ -130,8 +142,12 @@ def _detect(loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre
         # top_k before thresholding gives the same set as the reference's
         # threshold-then-sort, ties included (both prefer the lower prior index).
         scores, candidates = lax.top_k(class_scores, candidates_per_class)
-        kept, valid = _nms(boxes[candidates], scores, scores > score_threshold, iou_threshold,
-                           candidates_per_class)
+        # Already sorted. The sweep stops after the last score above the
+        # threshold, so rows computed as it goes cost less than a full matrix.
+        sorted_boxes = boxes[candidates]
+        keep = _greedy_sweep(lambda i: iou(sorted_boxes[i][None], sorted_boxes)[0],
+                             scores > score_threshold, iou_threshold)
+        kept, valid = _kept_positions(keep, candidates_per_class)
         return candidates[kept], jnp.where(valid, scores[kept], -jnp.inf)
 
     prior_index, scores = jax.vmap(per_class)(probs[:, 1:].T)  # [C, candidates_per_class]
