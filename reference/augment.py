@@ -23,7 +23,11 @@ image is uint8. `ssd_train_transform` composes the steps into a `transform` for
 
 Images are uint8 [H, W, 3] RGB. Boxes are [G, 4] corners (xmin, ymin, xmax, ymax) normalized to
 [0, 1] by the width and height of the image they belong to, so each geometric step returns them
-normalized to its own output image. Every random step takes an explicit `np.random.Generator`.
+normalized to its own output image. Every random step takes an explicit `np.random.Generator`
+and is split into a `sample_*` function, the random choice, and one that applies it, so
+`ssd_jax.data.augment` can make every choice before touching pixels. The crop, the one step that
+drops objects, returns the indices of those it keeps: labels, difficult flags and any other
+per-object field follow them.
 
 Where the public implementations disagree, we choose:
   * Patch constraint: a patch qualifies if at least ONE object has IoU >= the minimum, as the
@@ -96,7 +100,8 @@ def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     blue_max = ~(red_max | green_max)
     sixths = (red_max * (green - blue) + green_max * (2 * chroma + blue - red)
               + blue_max * (4 * chroma + red - green)) / (chroma + (chroma == 0))
-    return wrap_hue(60 * sixths), chroma / (value + (value == 0)), value
+    sixths += sixths.dtype.type(6) * (sixths < 0)   # [-1, 5) -> [0, 6]
+    return 60 * sixths, chroma / (value + (value == 0)), value
 
 
 def wrap_hue(hue: np.ndarray) -> np.ndarray:
@@ -518,5 +523,7 @@ def ssd_train_transform(image_size: int, mean=MEAN_RGB):
     `ssd_jax.data.pipeline.make_train_loader`; pass the model's input size and pixel mean
     (`ModelConfig.priors.image_size`, `ModelConfig.pixel_mean`)."""
     check_positive_int(image_size, "image_size")
+    if np.shape(mean) != (3,):
+        raise ValueError(f"mean must be 3 RGB values, got {mean!r}")
     return functools.partial(ssd_augment, image_size=int(image_size),
                              mean=tuple(float(m) for m in mean))

@@ -155,8 +155,11 @@ def test_bad_input_raises_value_error():
         for module in (reference_augment, fast_augment):
             with pytest.raises(ValueError):
                 _augment(module, {**good, key: value}, 0)
-    with pytest.raises(ValueError, match="image_size"):
-        reference_augment.ssd_train_transform(0)
+    for module in (reference_augment, fast_augment):
+        with pytest.raises(ValueError, match="image_size"):
+            module.ssd_train_transform(0)
+        with pytest.raises(ValueError, match="mean"):
+            module.ssd_train_transform(32, mean=(1.0, 2.0))
 
 
 def test_transform_plugs_into_the_train_loader():

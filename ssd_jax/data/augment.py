@@ -19,11 +19,11 @@ import functools
 
 import numpy as np
 
+from reference import augment as reference_augment
 from reference.augment import (MEAN_RGB, Expansion, Taps, bilinear_taps, check_example,
                                crop_boxes, expand_boxes, filled_canvas, flip_boxes, interpolate,
                                photometric_distort, sample_crop, sample_expansion, sample_flip,
                                split_rng)
-from reference.validation import check_positive_int
 
 
 def ssd_augment(example: dict, rng: np.random.Generator, *, image_size: int,
@@ -52,10 +52,10 @@ def ssd_augment(example: dict, rng: np.random.Generator, *, image_size: int,
 
 
 def ssd_train_transform(image_size: int, mean=MEAN_RGB):
-    """Same as `reference.augment.ssd_train_transform`, with the fast `ssd_augment`."""
-    check_positive_int(image_size, "image_size")
-    return functools.partial(ssd_augment, image_size=int(image_size),
-                             mean=tuple(float(m) for m in mean))
+    """`reference.augment.ssd_train_transform` with the fast `ssd_augment`: a picklable
+    `transform(example, rng)` for `ssd_jax.data.pipeline.make_train_loader`."""
+    checked = reference_augment.ssd_train_transform(image_size, mean).keywords
+    return functools.partial(ssd_augment, **checked)
 
 
 def _read_pixels(taps: Taps) -> tuple[np.ndarray, Taps]:
