@@ -2,6 +2,9 @@ import os
 
 # Tests run on the CPU; 8 fake CPU devices let the sharding tests run anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Threefry's random-bit kernels take ~0.5 s to compile per weight shape on this CPU;
+# RBG compiles ~4x faster, and tests need reproducible, not Threefry-identical, weights.
+os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
