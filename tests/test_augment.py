@@ -98,8 +98,9 @@ def test_output_has_documented_shapes_and_valid_boxes_inside_the_image(module, e
 
 @given(example=examples(), seed=seeds, image_size=st.sampled_from([16, 37]))
 def test_fast_twin_gives_exactly_the_reference_output(example, seed, image_size):
-    _assert_same_example(_augment(fast_augment, example, seed, image_size),
-                         _augment(reference_augment, example, seed, image_size))
+    for seed in range(seed, seed + 4):  # zoom out, crop and flip each come in several ways
+        _assert_same_example(_augment(fast_augment, example, seed, image_size),
+                             _augment(reference_augment, example, seed, image_size))
 
 
 @given(example=examples(), seed=seeds)
