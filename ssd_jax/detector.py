@@ -4,7 +4,7 @@
     result = detector("photo.jpg")        # one image in, one dict out
     results = detector(["a.png", image])  # a list in, a list out
 
-Each image is resized (bilinear, as the training pipeline does) to the model's square input on
+Each image is resized (`reference.augment.resize`, bilinear, as the training pipeline does) to the model's square input on
 the host; the forward pass, `nms.detect` and the scaling of the boxes back to the original
 image's pixels run on the device as one jitted function. Images go through it in chunks of
 exactly `batch_size` (the last chunk padded), so images of any mix of sizes compile it once.
@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from reference.augment import resize
 from reference.priors import prior_boxes
 from reference.validation import check_positive_int, check_threshold
 from ssd_jax import inference
@@ -115,8 +116,7 @@ class Detector:
         images = np.zeros((self.batch_size, size, size, 3), np.uint8)  # padding stays black
         sizes = np.ones((self.batch_size, 2), np.float32)
         for i, image in enumerate(chunk):
-            resized = Image.fromarray(image).resize((size, size), Image.BILINEAR)
-            images[i] = np.asarray(resized)
+            images[i] = resize(image, size)
             sizes[i] = image.shape[1], image.shape[0]
         return self._forward(self._params, self._rest, images, sizes)
 

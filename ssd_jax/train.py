@@ -22,6 +22,7 @@ from ssd_jax import inference
 from ssd_jax.checkpoint import checkpoint_manager, load_meta, restore, save
 from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
+from ssd_jax.data.augment import ssd_train_transform
 from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
 from ssd_jax.model import SSD, ModelConfig, get_config
@@ -48,6 +49,7 @@ class TrainConfig:
     dtype: str = "float32"
     batch_size: int = 32
     max_boxes: int = 50
+    augment: bool = True  # the paper's photometric, zoom-out, min-IoU crop and flip
     num_steps: int = 120_000
     optimizer: str = "sgd"  # "sgd" (the paper's, with momentum) or "adam"
     learning_rate: float = 1e-3
@@ -198,11 +200,9 @@ def init_training(config: TrainConfig, num_classes: int, mesh):
     return graphdef, replicate(state, mesh), step_fn
 
 
-def train(config: TrainConfig, train_source, eval_source, class_names, *,
-          transform=None, devices=None) -> dict:
+def train(config: TrainConfig, train_source, eval_source, class_names, *, devices=None) -> dict:
     """Trains from scratch or resumes from the latest checkpoint in `workdir`.
 
-    `transform(example, rng) -> example` augments training examples (None: none);
     `devices` defaults to every device. Writes `workdir`/checkpoints (orbax),
     metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json.
     Returns the final evaluation result.
@@ -221,6 +221,8 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *,
     if manager.latest_step() is not None:
         state, _ = restore(manager, state)
     start_step = int(state.step)
+    transform = (ssd_train_transform(image_size, mean=run_model_config.pixel_mean)
+                 if config.augment else None)
     loader = pipeline.make_train_loader(
         train_source, batch_size=local_batch_size, max_boxes=config.max_boxes,
         image_size=image_size, seed=config.seed, transform=transform,

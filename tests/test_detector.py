@@ -13,6 +13,7 @@ from flax import nnx
 from PIL import Image
 from pycocotools.coco import COCO
 
+from reference.augment import resize
 from ssd_jax import Detector
 from ssd_jax import train as train_lib
 from ssd_jax.checkpoint import checkpoint_manager, save
@@ -96,7 +97,7 @@ def test_boxes_are_scaled_to_the_original_image_size(detector):
     wide = shapes_images([(64, 128)])[0]
     # What the model sees: the documented bilinear resize to its 64 px input (which a 64 px
     # image passes through unchanged).
-    seen = np.asarray(Image.fromarray(wide).resize((64, 64), Image.BILINEAR))
+    seen = resize(wide, 64)
     expected = detector(seen)
     expected["boxes"] = expected["boxes"] * np.float32([2, 1, 2, 1])
     assert_same_detections(detector(wide), expected)

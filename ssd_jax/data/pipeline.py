@@ -15,7 +15,8 @@ import functools
 import grain
 import numpy as np
 from absl import flags
-from PIL import Image
+
+from reference.augment import resize
 
 # Elements of the iterators are whole batches: a few threads, a short queue of ready batches.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -44,13 +45,14 @@ def pad_targets(example: dict, max_boxes: int, *, keep_difficult: bool = False) 
 
 
 def resize_image(example: dict, image_size: int) -> dict:
-    """Example with its image resized (bilinear) to [S, S, 3], S = image_size; normalized boxes
-    need no change. An image already of that size is passed through untouched."""
+    """Example with its image resized to [S, S, 3], S = image_size, by the same bilinear
+    resize the training augmentation ends with (`reference.augment.resize`), so evaluation
+    sees what training saw; normalized boxes need no change. An image already of that size
+    is passed through untouched."""
     image = example["image"]
     if image.shape[:2] == (image_size, image_size):
         return example
-    resized = Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)
-    return {**example, "image": np.asarray(resized)}
+    return {**example, "image": resize(image, image_size)}
 
 
 def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, transform=None,
