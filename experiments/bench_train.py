@@ -14,7 +14,7 @@ Measures on one synthetic batch (`ssd_jax.data.shapes` images at the model's inp
 
 Images/s are steady state: each function is lowered and compiled once (that time is the
 "compile s" column), called once more to warm up, then timed over `--repeats` calls
-(median). GFLOP/image is XLA's cost analysis of the compiled function divided by its
+(median), alternating with the peer's calls below. GFLOP/image is XLA's cost analysis of the compiled function divided by its
 batch; on a GPU, `--peak-tflops` (the card's dense peak for the dtype) adds the fraction
 of it reached.
 
@@ -36,7 +36,10 @@ count (`torch.set_num_threads`), so both use the same CPU. On a GPU torch runs o
 """
 import argparse
 import dataclasses
+import functools
+import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -61,18 +64,14 @@ MAX_BOXES = 50
 
 
 @dataclasses.dataclass(frozen=True)
-class Timing:
-    """One measured function: median seconds per call, images per call, FLOPs per call
-    (None where unknown) and compile seconds (None where nothing is compiled)."""
+class Subject:
+    """A function to time, already compiled and warmed up: each `call()` processes `images`
+    images with `flops` floating-point operations; `compile_s` is None where nothing compiles."""
 
-    seconds: float
+    call: Callable[[], object]
     images: int
-    flops: float | None = None
+    flops: float
     compile_s: float | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds
 
 
 def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
@@ -85,36 +84,44 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
 
 def run(model: str = "ssd300", batch_size: int = 8, repeats: int = 3, dtype: str = "float32",
         peak_tflops: float | None = None) -> list[dict]:
-    """Measures the train step and inference (batch 1 and `batch_size`); one row each."""
+    """Measures inference (batch 1 and `batch_size`) and the train step; one row each.
+
+    Where torchvision is there, its calls alternate with ours, so that a change in the
+    load of a shared machine hits both columns alike.
+    """
     config = TrainConfig(model=model, batch_size=batch_size, dtype=dtype, max_boxes=MAX_BOXES)
     image_size = model_config(config, NUM_CLASSES).priors.image_size
     batch = synthetic_batch(batch_size, image_size)
-    ours = jax_timings(config, batch, repeats)
-    peer = torch_timings(batch, repeats) if torch is not None and model == "ssd300" else {}
-    on_gpu = jax.devices()[0].platform == "gpu"
-    names = {"train": f"{model} train step, B={batch_size}",
-             "infer_1": f"{model} inference, B=1", "infer_b": f"{model} inference, B={batch_size}"}
+    peers = torch_subjects(batch) if torch is not None and model == "ssd300" else {}
+    names = {"infer_1": f"{model} inference, B=1", "infer_b": f"{model} inference, B={batch_size}",
+             "train": f"{model} train step, B={batch_size}"}
     rows = []
-    for key, name in names.items():
-        row = _row(name, ours[key], peer.get(key))
-        if on_gpu and peak_tflops:
-            achieved = ours[key].flops / ours[key].seconds / (peak_tflops * 1e12)
-            row["% of peak"] = f"{100 * achieved:.1f}"
+    for key, ours in jax_subjects(config, batch):
+        peer = peers.get(key)
+        seconds = median_seconds([ours.call] + ([peer.call] if peer else []), repeats)
+        row = _row(names[key], ours, seconds[0], peer, seconds[-1])
+        if jax.devices()[0].platform == "gpu" and peak_tflops:
+            row["% of peak"] = f"{100 * ours.flops / seconds[0] / (peak_tflops * 1e12):.1f}"
         rows.append(row)
     return rows
 
 
-def jax_timings(config: TrainConfig, batch: dict, repeats: int) -> dict[str, Timing]:
-    """Timings of inference at batch 1 and B, then of the train step (which donates the state)."""
+def median_seconds(calls: list[Callable], repeats: int) -> list[float]:
+    """Median wall-clock seconds of each call, the calls timed in turn `repeats` times."""
+    seconds = [[time_fn(call, warmup=0, repeat=1) for call in calls] for _ in range(repeats)]
+    return [statistics.median(column) for column in zip(*seconds)]
+
+
+def jax_subjects(config: TrainConfig, batch: dict):
+    """Yields ("infer_1" | "infer_b" | "train", Subject). Lazily: the train step donates the
+    state that inference reads, so it is built only once inference has been timed."""
     mesh = data_mesh()
     graphdef, state, train_step = init_training(config, NUM_CLASSES, mesh)
     predict = make_predict_fn(graphdef, prior_boxes(model_config(config, NUM_CLASSES).priors))
-    timings = {}
     for key, images in ("infer_1", batch["image"][:1]), ("infer_b", batch["image"]):
         compiled, compile_s = _compile(predict, state.params, state.rest, images)
-        seconds = time_fn(lambda: compiled(state.params, state.rest, images),
-                          warmup=1, repeat=repeats)
-        timings[key] = Timing(seconds, len(images), _xla_flops(compiled), compile_s)
+        yield key, _warm(lambda: compiled(state.params, state.rest, images), len(images),
+                         _xla_flops(compiled), compile_s)
 
     batch = shard_batch(batch, mesh)
     compiled, compile_s = _compile(train_step, state, batch)
@@ -124,9 +131,7 @@ def jax_timings(config: TrainConfig, batch: dict, repeats: int) -> dict[str, Tim
         state, metrics = compiled(state, batch)
         return state, metrics
 
-    seconds = time_fn(step, warmup=1, repeat=repeats)
-    timings["train"] = Timing(seconds, len(batch["image"]), _xla_flops(compiled), compile_s)
-    return timings
+    yield "train", _warm(step, len(batch["image"]), _xla_flops(compiled), compile_s)
 
 
 def _compile(jitted, *args):
@@ -139,8 +144,13 @@ def _xla_flops(compiled) -> float:
     return float(compiled.cost_analysis()["flops"])
 
 
-def torch_timings(batch: dict, repeats: int) -> dict[str, Timing]:
-    """torchvision's SSD300 on the same batch: train step, inference at batch 1 and B."""
+def _warm(call, images, flops, compile_s) -> Subject:
+    jax.block_until_ready(call())
+    return Subject(call, images, flops, compile_s)
+
+
+def torch_subjects(batch: dict) -> dict[str, Subject]:
+    """torchvision's SSD300 on the same batch: inference at batch 1 and B, train step."""
     torch.manual_seed(0)
     torch.set_num_threads(cpu_threads())
     device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
@@ -155,45 +165,47 @@ def torch_timings(batch: dict, repeats: int) -> dict[str, Timing]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
     def train_step():
+        model.train()
         losses = model(images, targets)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
 
     def infer(count):
+        model.eval()
         with torch.inference_mode():
             return model(images[:count])
 
-    model.train()
-    timings = {"train": _time_torch(train_step, len(images), repeats, device)}
-    model.eval()
-    for key, count in ("infer_1", 1), ("infer_b", len(images)):
-        timings[key] = _time_torch(lambda: infer(count), count, repeats, device)
-    return timings
+    subjects = {key: (functools.partial(infer, count), count)
+                for key, count in (("infer_1", 1), ("infer_b", len(images)))}
+    subjects["train"] = (train_step, len(images))
+    return {key: _counted(call, count, device) for key, (call, count) in subjects.items()}
 
 
-def _time_torch(fn, images: int, repeats: int, device: str) -> Timing:
-    """Counts FLOPs on a first (warmup) call, then times `repeats` calls."""
+def _counted(call, images: int, device: str) -> Subject:
+    """The Subject of a torch call, its FLOPs counted on a first (warmup) call."""
     def synced():
-        result = fn()
+        result = call()
         if device == "cuda":
             torch.cuda.synchronize()
         return result
 
     with FlopCounterMode(display=False) as counter:
         synced()
-    return Timing(time_fn(synced, warmup=0, repeat=repeats), images, counter.get_total_flops())
+    return Subject(synced, images, counter.get_total_flops())
 
 
-def _row(name: str, ours: Timing, peer: Timing | None) -> dict:
-    def gflop(timing):
-        return "n/a" if timing is None else f"{timing.flops / timing.images / 1e9:.1f}"
+def _row(name: str, ours: Subject, our_seconds: float, peer: Subject | None,
+         peer_seconds: float) -> dict:
+    def gflop(subject):
+        return "n/a" if subject is None else f"{subject.flops / subject.images / 1e9:.1f}"
 
+    ours_rate = ours.images / our_seconds
+    peer_rate = peer.images / peer_seconds if peer else None
     return {"benchmark": name,
-            "JAX images/s": f"{ours.images_per_s:.2f}",
-            "torchvision images/s": "n/a" if peer is None else f"{peer.images_per_s:.2f}",
-            "JAX/torchvision": "n/a" if peer is None
-            else f"{ours.images_per_s / peer.images_per_s:.2f}x",
+            "JAX images/s": f"{ours_rate:.2f}",
+            "torchvision images/s": "n/a" if peer is None else f"{peer_rate:.2f}",
+            "JAX/torchvision": "n/a" if peer is None else f"{ours_rate / peer_rate:.2f}x",
             "JAX compile s": f"{ours.compile_s:.1f}",
             "XLA GFLOP/image": gflop(ours),
             "torch GFLOP/image": gflop(peer)}
