@@ -47,7 +47,7 @@ def average_precision(recall, precision, use_07_metric: bool = True) -> float:
 
 
 def evaluate_detections(detections, ground_truths, num_classes: int, iou_threshold: float = 0.5,
-                        use_07_metric: bool = True) -> dict:
+                        use_07_metric: bool = True, return_curves: bool = False) -> dict:
     """VOC average precision of every class and their mean.
 
     Args:
@@ -62,12 +62,19 @@ def evaluate_detections(detections, ground_truths, num_classes: int, iou_thresho
       iou_threshold: a detection matches a ground truth when IoU > threshold
         (strictly, as in the devkit).
       use_07_metric: VOC2007 11-point AP (True) or VOC2010+ area AP (False).
+      return_curves: also return each class's precision/recall curve, the one
+        its AP summarizes (for plotting).
 
     Returns:
       {"ap": [C] float64 with entry c - 1 for class c, "map": float mean of
       the APs that are not NaN}. A class without non-difficult ground truth
       has AP NaN (recall is undefined) and is left out of the mean; mAP is
-      NaN only if every class is.
+      NaN only if every class is. With return_curves, also "recall" and
+      "precision": lists of C entries, entry c - 1 the [K_c] float64 curve of
+      class c after each of its K_c detections ranked by score (recall = TP /
+      positives, precision = TP / (TP + FP), cumulative as described below),
+      None where the AP is NaN; average_precision(recall[c - 1],
+      precision[c - 1], use_07_metric) is ap[c - 1].
 
     Per class, the devkit's rule: all detections of the class over all images
     are ranked by score (a stable sort: ties keep image order, then list
@@ -81,11 +88,17 @@ def evaluate_detections(detections, ground_truths, num_classes: int, iou_thresho
     """
     images = _check_and_convert(detections, ground_truths, num_classes)
     iou_threshold = check_threshold(iou_threshold, "iou_threshold")
-    ap = np.array([_class_average_precision(images, label, iou_threshold, use_07_metric)
-                   for label in range(1, num_classes + 1)])
+    curves = [_precision_recall(images, label, iou_threshold)
+              for label in range(1, num_classes + 1)]
+    ap = np.array([float("nan") if curve is None else average_precision(*curve, use_07_metric)
+                   for curve in curves])
     defined = ~np.isnan(ap)
     mean_ap = float(ap[defined].mean()) if defined.any() else float("nan")
-    return {"ap": ap, "map": mean_ap}
+    result = {"ap": ap, "map": mean_ap}
+    if return_curves:
+        result["recall"] = [None if curve is None else curve[0] for curve in curves]
+        result["precision"] = [None if curve is None else curve[1] for curve in curves]
+    return result
 
 
 def devkit_iou(box, gt_boxes, pixel_offset: float) -> np.ndarray:
@@ -119,12 +132,14 @@ def devkit_iou(box, gt_boxes, pixel_offset: float) -> np.ndarray:
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
-def _class_average_precision(images, label, iou_threshold, use_07_metric) -> float:
+def _precision_recall(images, label, iou_threshold):
+    """(recall [K], precision [K]) float64 of class `label` after each of its K
+    detections ranked by score; None without non-difficult ground truth."""
     gt_boxes = [image.gt_boxes[image.gt_labels == label] for image in images]
     difficult = [image.difficult[image.gt_labels == label] for image in images]
     num_positives = sum(int((~d).sum()) for d in difficult)
     if num_positives == 0:
-        return float("nan")
+        return None
 
     image_ids, boxes, scores = [], [], []
     for i, image in enumerate(images):
@@ -154,7 +169,7 @@ def _class_average_precision(images, label, iou_threshold, use_07_metric) -> flo
     recall = true_positive / num_positives
     precision = true_positive / np.maximum(true_positive + false_positive,
                                            np.finfo(np.float64).eps)
-    return average_precision(recall, precision, use_07_metric)
+    return recall, precision
 
 
 @dataclasses.dataclass(frozen=True)

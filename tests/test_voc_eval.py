@@ -258,3 +258,38 @@ def test_bad_arguments_raise_value_error():
         evaluate_detections(detections[0], ground_truths, C)
     with pytest.raises(ValueError, match="precision"):
         average_precision([.5, 1.0], [1.0], True)
+
+
+def test_returned_curves_are_the_hand_computed_curve():
+    box, elsewhere = [.1, .1, .5, .5], [.6, .6, .9, .9]
+    ground_truths = [gt([box], [1]) for _ in range(4)] + [gt([box], [2], [1])]
+    detections = [det([box, elsewhere, elsewhere], [.9, .8, .5], [1, 1, 1]),
+                  det([box], [.7], [1]), det([box, elsewhere], [.6, .4], [1, 1]),
+                  det(np.zeros((0, 4)), [], []), det([box], [.9], [2])]
+    result = evaluate_detections(detections, ground_truths, 3, return_curves=True)
+    np.testing.assert_allclose(result["recall"][0], HAND_RECALL)
+    np.testing.assert_allclose(result["precision"][0], HAND_PRECISION)
+    assert result["recall"][1:] == [None, None] and result["precision"][1:] == [None, None]
+    assert "recall" not in evaluate_detections(detections, ground_truths, 3)
+
+
+@given(annotated_images(), st.data())
+def test_returned_curves_reproduce_each_ap(ground_truths, data):
+    detections = []
+    for image in ground_truths:
+        object_boxes = [tuple(b) for b in image["boxes"]]
+        box = st.one_of(grid_boxes, st.sampled_from(object_boxes)) if object_boxes else grid_boxes
+        boxes = data.draw(st.lists(box, max_size=6))
+        scores = data.draw(st.lists(st.floats(0, 1), min_size=len(boxes), max_size=len(boxes)))
+        labels = data.draw(st.lists(st.integers(1, C), min_size=len(boxes), max_size=len(boxes)))
+        detections.append(det(boxes, scores, labels))
+    for use_07_metric in (True, False):
+        result = evaluate_detections(detections, ground_truths, C, use_07_metric=use_07_metric,
+                                     return_curves=True)
+        for ap, recall, precision in zip(result["ap"], result["recall"], result["precision"]):
+            if np.isnan(ap):
+                assert recall is None and precision is None
+            else:
+                assert recall.shape == precision.shape
+                assert np.all(np.diff(recall) >= 0) and np.all((precision >= 0) & (precision <= 1))
+                assert average_precision(recall, precision, use_07_metric) == ap
