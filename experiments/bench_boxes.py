@@ -73,35 +73,42 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    threads = cpu_threads()
-    if torch is not None:
-        torch.set_num_threads(args.torch_threads or threads)
+    rows, workloads = run(args.rounds, args.repeat, args.torch_threads, args.seed)
     print(machine_info())
-    print(f"Threads: XLA CPU pool {threads}, torch "
+    print(f"Threads: XLA CPU pool {cpu_threads()}, torch "
           f"{torch.get_num_threads() if torch is not None else 'n/a (not installed)'}, "
           "NumPy elementwise 1")
     print()
-
-    rng = np.random.default_rng(args.seed)
-    priors = prior_boxes(SSD300).astype(np.float32)
-    rows = [_row("IoU [8732 x 50]", _iou_benchmark(rng, priors), args),
-            _row(f"build_targets (B={BATCH}, G={GT_SLOTS})", _targets_benchmark(rng, priors), args)]
-    workloads = []
-    for name, margin in ("typical", TYPICAL_MARGIN), ("dense", DENSE_MARGIN):
-        detect_fns, workload = _detect_benchmark(rng, priors, margin)
-        rows.append(_row(f"detect, {name} (P={len(priors)}, C={NUM_CLASSES})", detect_fns, args))
-        workloads.append(f"detect, {name}: {workload}")
     print_table(rows)
     print()
     print("\n".join(workloads))
 
 
-def _row(operation, fns, args):
+def run(rounds: int = 5, repeat: int = 10, torch_threads: int | None = None,
+        seed: int = 0) -> tuple[list[dict], list[str]]:
+    """The table's rows, one per operation, and a line describing each detection workload."""
+    if torch is not None:
+        torch.set_num_threads(torch_threads or cpu_threads())
+    rng = np.random.default_rng(seed)
+    priors = prior_boxes(SSD300).astype(np.float32)
+    rows = [_row("IoU [8732 x 50]", _iou_benchmark(rng, priors), rounds, repeat),
+            _row(f"build_targets (B={BATCH}, G={GT_SLOTS})", _targets_benchmark(rng, priors),
+                 rounds, repeat)]
+    workloads = []
+    for name, margin in ("typical", TYPICAL_MARGIN), ("dense", DENSE_MARGIN):
+        detect_fns, workload = _detect_benchmark(rng, priors, margin)
+        rows.append(_row(f"detect, {name} (P={len(priors)}, C={NUM_CLASSES})", detect_fns,
+                         rounds, repeat))
+        workloads.append(f"detect, {name}: {workload}")
+    return rows, workloads
+
+
+def _row(operation, fns, rounds, repeat_per_round):
     """Times {'reference', 'jax', 'torchvision'} callables, taking turns, into one table row."""
     round_medians = {name: [] for name in fns}
-    for turn in range(args.rounds):
+    for turn in range(rounds):
         for name, fn in fns.items():
-            repeat = 1 if name == "reference" else args.repeat
+            repeat = 1 if name == "reference" else repeat_per_round
             warmup = (1 if name == "reference" else 3) if turn == 0 else 0
             round_medians[name].append(time_fn(fn, warmup=warmup, repeat=repeat))
     seconds = {name: statistics.median(times) for name, times in round_medians.items()}
