@@ -5,8 +5,10 @@ boxes) to a temporary folder, then measures the full host-side work per training
 decode, `ssd_train_transform(300)` (augmentation and resize to 300x300) and the loader's own
 steps, `pipeline.resize_image` (a no-op on a 300x300 image) and `pipeline.pad_targets`:
 
-  1. in this process, per step, for the fast transform (`ssd_jax.data.augment`) and the
-     reference (`reference.augment`);
+  1. in this process, per step, for the fast transform (`ssd_jax.data.augment`), the
+     reference (`reference.augment`) and, when torch is importable (never a dependency of this
+     project), torchvision's SSD augmentation (`torchvision_ssd_transform`) on one torch thread,
+     as in a DataLoader worker;
   2. through `pipeline.make_train_loader` with grain worker processes.
 
 Figures are images per second per CPU core, i.e. images per CPU-second of every process involved,
@@ -23,14 +25,23 @@ import numpy as np
 import psutil
 from PIL import Image, ImageDraw
 
+from experiments.benchlib import print_table
 from reference import augment as reference_augment
 from ssd_jax.data import augment as fast_augment
 from ssd_jax.data.pipeline import make_train_loader, pad_targets, resize_image
+
+try:
+    import torch
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+except ImportError:
+    torch = None
 
 WIDTH, HEIGHT = 500, 375     # a typical PASCAL VOC image
 IMAGE_SIZE = 300             # SSD300
 MAX_BOXES = 50               # VOC images hold at most 42 objects
 TARGET = 200                 # images/s per core
+STEPS = ("decode", "augment", "pad")  # timed separately per image
 
 
 def write_jpegs(directory: Path, count: int, seed: int = 0) -> list[dict]:
@@ -98,7 +109,7 @@ def time_steps(source: JpegSource, transform, repeats: int) -> dict[str, float]:
     """CPU milliseconds per image of each step, the best of `repeats` passes over the source."""
     best = {}
     for _ in range(repeats):
-        spent = dict.fromkeys(("decode", "augment", "pad"), 0.0)
+        spent = dict.fromkeys(STEPS, 0.0)
         for index in range(len(source)):
             start = time.process_time()
             example = source[index]
@@ -141,6 +152,70 @@ def time_loader(source: JpegSource, transform, workers: int, batches: int, batch
     return per_core, per_second
 
 
+def torchvision_ssd_transform(image_size: int, mean=reference_augment.MEAN_RGB):
+    """torchvision's SSD training augmentation as a `transform(example, rng) -> example`: the "ssd"
+    preset of its detection reference scripts (photometric distort, zoom out filled with `mean`,
+    min-IoU crop, flip) on tv_tensors, then the resize to `image_size` our transform includes, and
+    the removal of boxes the crop cut away. torch's global generator draws, not `rng`."""
+    augment = v2.Compose([
+        v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(mean)), v2.RandomIoUCrop(),
+        v2.RandomHorizontalFlip(), v2.Resize((image_size, image_size)),
+        v2.SanitizeBoundingBoxes(labels_getter=lambda inputs: (inputs["labels"],
+                                                               inputs["difficult"]))])
+
+    def transform(example, rng):
+        height, width = example["image"].shape[:2]
+        scale = np.float32([width, height, width, height])
+        pixels = np.array(example["image"])  # a writable copy: torch warns on PIL's read-only one
+        out = augment({
+            "image": tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1)),
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(example["boxes"] * scale),
+                                              format="XYXY", canvas_size=(height, width)),
+            "labels": torch.from_numpy(example["labels"]),
+            "difficult": torch.from_numpy(example["difficult"])})
+        return {"image": out["image"].permute(1, 2, 0).numpy(),
+                "boxes": out["boxes"].numpy() / np.float32(image_size),
+                "labels": out["labels"].numpy(), "difficult": out["difficult"].numpy()}
+
+    return transform
+
+
+def run(images: int = 64, repeats: int = 3, workers=(2,), batches: int = 8,
+        batch_size: int = 32) -> tuple[list[dict], list[str]]:
+    """Table rows (one per transform measured in this process, one per grain worker count) and
+    lines describing the workload and the target."""
+    transforms = {"fast": fast_augment.ssd_train_transform(IMAGE_SIZE),
+                  "reference": reference_augment.ssd_train_transform(IMAGE_SIZE)}
+    if torch is not None:
+        torch.manual_seed(0)
+        torch.set_num_threads(1)  # as torch's DataLoader sets in its workers
+        transforms["torchvision"] = torchvision_ssd_transform(IMAGE_SIZE)
+    with tempfile.TemporaryDirectory() as directory:
+        source = JpegSource(write_jpegs(Path(directory), images))
+        steps = {name: time_steps(source, transform, repeats)
+                 for name, transform in transforms.items()}
+        rows = [_row(f"{name}, one process", steps[name], steps["fast"]) for name in steps]
+        for count in workers:
+            per_core, per_second = time_loader(source, transforms["fast"], count, batches,
+                                               batch_size, repeats)
+            rows.append({"pipeline": f"fast, grain {count} workers ({per_second:.0f}/s wall)",
+                         **{f"{key} ms": "-" for key in STEPS},
+                         "images/s per core": f"{per_core:.0f}", "CPU time / fast's": "-"})
+    notes = [f"{images} JPEGs {WIDTH}x{HEIGHT}; per image: decode, ssd_train_transform("
+             f"{IMAGE_SIZE}), pad to {MAX_BOXES} boxes. One process: CPU ms per image, best of "
+             f"{repeats} passes. Grain: best of {repeats} windows of {batches} batches of "
+             f"{batch_size}.",
+             f"Target: >= {TARGET} images/s per core."]
+    return rows, notes
+
+
+def _row(name: str, steps: dict[str, float], fast: dict[str, float]) -> dict:
+    step_columns = {f"{key} ms": f"{steps[key]:.2f}" for key in STEPS}
+    return {"pipeline": name, **step_columns,
+            "images/s per core": f"{1e3 / steps['total']:.0f}",
+            "CPU time / fast's": f"{steps['total'] / fast['total']:.2f}x"}
+
+
 def profile(source: JpegSource, transform, top: int = 15) -> None:
     """cProfile of the single-process loop: where the time goes, by function."""
     profiler = cProfile.Profile()
@@ -163,27 +238,14 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the loop")
     args = parser.parse_args(argv)
 
-    transforms = {"fast": fast_augment.ssd_train_transform(IMAGE_SIZE),
-                  "reference": reference_augment.ssd_train_transform(IMAGE_SIZE)}
-    with tempfile.TemporaryDirectory() as directory:
-        source = JpegSource(write_jpegs(Path(directory), args.images))
-        print(f"{args.images} JPEGs {WIDTH}x{HEIGHT}; per image: decode, ssd_train_transform("
-              f"{IMAGE_SIZE}), pad to {MAX_BOXES} boxes")
-        print("single process, CPU ms per image (best of "
-              f"{args.repeats} passes):")
-        for name, transform in transforms.items():
-            steps = time_steps(source, transform, args.repeats)
-            breakdown = "  ".join(f"{key} {value:.2f}" for key, value in steps.items())
-            print(f"  {name:9s}  {breakdown}  -> {1e3 / steps['total']:.0f} images/s per core")
-        if args.profile:
-            profile(source, transforms["fast"])
-        for workers in args.workers:
-            per_core, per_second = time_loader(source, transforms["fast"], workers,
-                                               args.batches, args.batch_size, args.repeats)
-            print(f"grain, {workers} workers, fast transform: {per_core:.0f} images/s per core "
-                  f"({per_second:.0f} images/s wall clock), best of {args.repeats} windows of "
-                  f"{args.batches} batches of {args.batch_size}")
-        print(f"target: >= {TARGET} images/s per core")
+    rows, notes = run(args.images, args.repeats, args.workers, args.batches, args.batch_size)
+    print(notes[0])
+    print_table(rows)
+    print("\n".join(notes[1:]))
+    if args.profile:
+        with tempfile.TemporaryDirectory() as directory:
+            profile(JpegSource(write_jpegs(Path(directory), args.images)),
+                    fast_augment.ssd_train_transform(IMAGE_SIZE))
 
 
 if __name__ == "__main__":
