@@ -1,30 +1,106 @@
-"""Evaluate a trained SSD: `python -m experiments.eval_voc --checkpoint DIR [--dataset shapes]`.
+"""Evaluate a trained SSD on VOC2007 test (or the shapes validation split):
+`python -m experiments.eval_voc --checkpoint DIR [--dataset voc|shapes] [--area-metric]
+[--out OUT]`.
 
-Prints the per-class AP table and mAP (VOC2007 11-point metric by default).
+Runs batched, jitted inference over the data set, prints the per-class AP table and mAP
+(the VOC2007 11-point metric, or the VOC2010+ area metric with --area-metric), and writes
+into OUT (default: eval/ in the training run's folder):
+
+- comp4_det_test_<class name>.txt, one per class: the detections in the VOC devkit's results
+  format (Main task, competition 4), one line `<image id> <score> <xmin> <ymin> <xmax> <ymax>`
+  per detection.
+- pr_curves.png: each class's precision/recall curve, its AP in the legend.
+- eval.json: the metric's name, each class's AP and the mAP (null where undefined).
+
+Coordinates in the text files are pixels of the original image in the devkit's 1-based
+convention. The VOC readers (ssd_jax.data.voc) turn an annotation's 1-based pixel coordinate p
+of an image W pixels wide (H high) into p / W (p / H), so a normalized x is written as x * W
+and y as y * H: a ground-truth box written this way gives back its XML numbers, and the devkit
+scoring these files against the XML annotations sees the boxes reference.voc_eval scored here
+(it scales by the same width and height). Boxes lie in [0, W] x [0, H]; a detection reaching
+the image's left or top edge starts at 0, one pixel before pixel 1, as the normalized box does.
+Image ids are the data set's ("000001"); for a source without ids (shapes), the example's index.
 """
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 
+import numpy as np
 from flax import nnx
 
 from reference.priors import prior_boxes
 from ssd_jax import inference
 from ssd_jax.data import pipeline
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
+from ssd_jax.plots import plot_precision_recall
 from ssd_jax.train import load_trained_model
 
+METRIC_NAMES = {True: "VOC2007 11-point", False: "VOC2010+ area"}
+RESULTS_FILE = "comp4_det_test_{}.txt"
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+
+def run_folder(checkpoint) -> Path:
+    """The training run's folder, for a run folder or its checkpoints/ folder (as
+    load_trained_model accepts either)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint if (checkpoint / "checkpoints").is_dir() else checkpoint.parent
+
+
+def image_ids(ground_truths) -> list[str]:
+    """Each image's id: the source's "image_id", else its index in the source."""
+    return [str(gt.get("image_id", index)) for index, gt in enumerate(ground_truths)]
+
+
+def write_devkit_results(detections, ground_truths, class_names, folder) -> list[Path]:
+    """Writes one devkit results file per class (see the module docstring for the format and
+    coordinates) and returns their paths, in class order.
+
+    detections / ground_truths: one dict per image, as inference.evaluate returns them:
+    detections with "boxes" [K, 4] normalized corners, "scores" [K], "labels" [K] in 1..C;
+    ground truths with "image_size" (height, width) and optionally "image_id".
+    """
+    lines = [[] for _ in class_names]
+    for image_id, det, gt in zip(image_ids(ground_truths), detections, ground_truths):
+        height, width = gt["image_size"]
+        pixels = np.asarray(det["boxes"], np.float64) * [width, height, width, height]
+        for box, score, label in zip(pixels, det["scores"], det["labels"]):
+            # 9 significant digits give back the float32 score, so the ranking is kept.
+            lines[label - 1].append(f"{image_id} {score:.9g} "
+                                    + " ".join(f"{value:.2f}" for value in box) + "\n")
+    paths = [Path(folder) / RESULTS_FILE.format(name) for name in class_names]
+    for path, class_lines in zip(paths, lines):
+        path.write_text("".join(class_lines))
+    return paths
+
+
+def summary(result: dict, class_names, metric: str, dataset: str) -> dict:
+    """eval.json's content; NaN (a class without ground truth) becomes null."""
+    def number(value):
+        return None if math.isnan(value) else float(value)
+
+    return {"metric": metric, "dataset": dataset, "num_images": len(result["detections"]),
+            "map": number(result["map"]),
+            "ap": {name: number(ap) for name, ap in zip(class_names, result["ap"])}}
+
+
+def main(argv=None) -> dict:
+    """Runs the evaluation; returns inference.evaluate's dict (with the curves)."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="a training run's checkpoints/ folder (or the run folder)")
+                        help="a training run's folder (or its checkpoints/ folder)")
     parser.add_argument("--dataset", choices=DATASETS, default="voc")
     parser.add_argument("--data-dir", default="", help="VOCdevkit folder or TFDS data dir")
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-examples", type=int, default=0)
+    parser.add_argument("--eval-examples", type=int, default=0,
+                        help="evaluate only the first this many examples (0: all)")
     parser.add_argument("--area-metric", action="store_true",
                         help="VOC2010+ area under the PR curve instead of VOC2007 11-point")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: eval/ in the training run's folder)")
     args = parser.parse_args(argv)
 
     try:
@@ -33,18 +109,36 @@ def main(argv=None) -> None:
         sys.exit(f"error: {error}")
     image_size = model.config.priors.image_size
     try:
-        _, source, _ = get_sources(args.dataset, image_size=image_size,
-                                   eval_examples=args.eval_examples, data_dir=args.data_dir)
+        _, source, dataset_classes = get_sources(args.dataset, image_size=image_size,
+                                                 eval_examples=args.eval_examples,
+                                                 data_dir=args.data_dir)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
+    class_names = meta["class_names"]
+    if list(dataset_classes) != class_names:
+        sys.exit(f"error: the checkpoint was trained on the classes {class_names}, not on "
+                 f"--dataset {args.dataset}'s {list(dataset_classes)}")
+    use_07_metric = not args.area_metric
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     predict = inference.make_predict_fn(graphdef, prior_boxes(model.config.priors))
     loader = pipeline.make_eval_loader(source, batch_size=args.batch_size,
                                        max_boxes=meta["train"]["max_boxes"], image_size=image_size)
-    result = inference.evaluate(predict, params, rest, loader, len(meta["class_names"]),
-                                use_07_metric=not args.area_metric,
+    result = inference.evaluate(predict, params, rest, loader, len(class_names),
+                                use_07_metric=use_07_metric, return_curves=True,
                                 num_batches=-(-len(source) // args.batch_size))
-    print(inference.format_ap_table(result, meta["class_names"]))
+
+    metric = METRIC_NAMES[use_07_metric]
+    out = Path(args.out) if args.out else run_folder(args.checkpoint) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    write_devkit_results(result["detections"], result["ground_truths"], class_names, out)
+    plot_precision_recall(result, class_names, out / "pr_curves.png",
+                          title=f"{args.dataset}: mAP {result['map']:.4f} ({metric})")
+    report = summary(result, class_names, metric, args.dataset)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    print(f"{metric} AP on {len(result['detections'])} {args.dataset} images")
+    print(inference.format_ap_table(result, class_names))
+    print(f"wrote {out}/: {RESULTS_FILE.format('<class>')}, pr_curves.png, eval.json")
+    return result
 
 
 if __name__ == "__main__":

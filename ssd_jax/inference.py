@@ -38,15 +38,16 @@ def unbatch_detections(outputs: dict, keep=None) -> list[dict]:
 
 
 def evaluate(predict, params, rest, loader, num_classes: int, *, use_07_metric=True,
-             num_batches=None) -> dict:
+             return_curves=False, num_batches=None) -> dict:
     """VOC evaluation (reference.voc_eval) of `predict` over an eval loader yielding
-    (batch, ground_truths); returns evaluate_detections' dict plus "detections"."""
+    (batch, ground_truths); returns evaluate_detections' dict (with the precision/recall
+    curves if `return_curves`) plus "detections" and "ground_truths", one per image."""
     detections, ground_truths = [], []
     for batch, truths in tqdm(loader, desc="eval", total=num_batches, leave=False):
         detections += unbatch_detections(predict(params, rest, batch["image"]), batch["valid"])
         ground_truths += truths
     result = evaluate_detections(detections, ground_truths, num_classes,
-                                 use_07_metric=use_07_metric)
+                                 use_07_metric=use_07_metric, return_curves=return_curves)
     return dict(result, detections=detections, ground_truths=ground_truths)
 
 

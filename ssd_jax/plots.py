@@ -25,3 +25,29 @@ def plot_loss_curve(records: list[dict], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_precision_recall(result: dict, class_names, path, *, title: str = "") -> None:
+    """Each class's precision/recall curve on one axes, its AP in the legend.
+
+    `result` is evaluate_detections' dict with return_curves=True ("ap", "map", "recall",
+    "precision"). Classes without ground truth (AP NaN, no curve) are left out.
+    """
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for index, (name, ap, recall, precision) in enumerate(
+            zip(class_names, result["ap"], result["recall"], result["precision"])):
+        if recall is not None:
+            # A lone detection is a point, which a line alone would not show.
+            ax.plot(recall, precision, color=colours[index % len(colours)],
+                    marker="." if len(recall) == 1 else None, label=f"{name} (AP {ap:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or f"mAP {result['map']:.4f}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,15 +1,11 @@
 import contextlib
-import dataclasses
 import io
 import json
-import math
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -19,42 +15,17 @@ from ssd_jax import train as train_lib
 from ssd_jax.checkpoint import checkpoint_manager, save
 from ssd_jax.cli import main
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset
-from tests.test_train import TINY
+from tests.helpers import write_untrained_checkpoint
 
 # Untrained, so scores sit near 1 / (C + 1): a low threshold still gives many detections.
 SCORE_THRESHOLD = 0.05
 SIZES = [(64, 64), (40, 50), (100, 30), (33, 77), (120, 90)]  # (height, width)
 
 
-def random_model(config):
-    """The model of `config` with He-normal kernels drawn by NumPy: jax.random's initializers
-    take ~15 s to compile on a busy 2-core CPU, and the weights' values do not matter here."""
-    abstract = nnx.eval_shape(lambda: train_lib.build_model(config, len(CLASS_NAMES)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(0)
-
-    def draw(leaf):
-        if len(leaf.shape) < 2:
-            return np.zeros(leaf.shape, leaf.dtype)
-        fan_in = math.prod(leaf.shape[:-1])
-        return rng.normal(0, math.sqrt(2 / fan_in), leaf.shape).astype(leaf.dtype)
-
-    return nnx.merge(graphdef, jax.tree.map(draw, state))
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A run folder holding a checkpoint as `train` writes it, of an untrained 64 px ssd_mini."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = dataclasses.replace(TINY, workdir=str(workdir))
-    model = random_model(config)
-    _, state = train_lib.create_train_state(model, train_lib.make_optimizer(config))
-    meta = train_lib.checkpoint_meta(config, CLASS_NAMES, model.config)
-    manager = checkpoint_manager(workdir / "checkpoints")
-    save(manager, 0, state, meta)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

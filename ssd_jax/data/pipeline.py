@@ -99,8 +99,9 @@ def make_eval_loader(source, *, batch_size: int, max_boxes: int,
     "labels": [B, G], "mask": [B, G]} as in training (difficult objects dropped) plus "valid":
     bool [B], False for the zero-filled slots that pad the last batch. gts: one dict per valid
     slot with the example's original ground truth {"boxes": float32 [N, 4] corners, "labels":
-    int32 [N], "difficult": bool [N], "image_size": (height, width) of the source image}.
-    The returned dataset can be iterated any number of times.
+    int32 [N], "difficult": bool [N], "image_size": (height, width) of the source image}, plus
+    the example's "image_id" when the source gives one. The returned dataset can be iterated
+    any number of times.
     """
     to_example = functools.partial(_eval_example, max_boxes=max_boxes, image_size=image_size)
     to_batch = functools.partial(_padded_eval_batch, batch_size=batch_size)
@@ -115,6 +116,8 @@ def _eval_example(example, *, max_boxes, image_size):
         "difficult": np.asarray(example["difficult"], bool),
         "image_size": tuple(example["image"].shape[:2]),
     }
+    if "image_id" in example:
+        gt["image_id"] = example["image_id"]
     return pad_targets(resize_image(example, image_size), max_boxes), gt
 
 

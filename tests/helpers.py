@@ -1,0 +1,42 @@
+"""Test helpers shared by test modules: a tiny checkpoint made without training."""
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ssd_jax import train as train_lib
+from ssd_jax.checkpoint import checkpoint_manager, save
+from ssd_jax.data.shapes import CLASS_NAMES
+from tests.test_train import TINY
+
+
+def random_model(config, num_classes: int = len(CLASS_NAMES)):
+    """The model of `config` with He-normal kernels drawn by NumPy: jax.random's initializers
+    take ~15 s to compile on a busy 2-core CPU, and the weights' values do not matter here."""
+    abstract = nnx.eval_shape(lambda: train_lib.build_model(config, num_classes))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(0)
+
+    def draw(leaf):
+        if len(leaf.shape) < 2:
+            return np.zeros(leaf.shape, leaf.dtype)
+        fan_in = math.prod(leaf.shape[:-1])
+        return rng.normal(0, math.sqrt(2 / fan_in), leaf.shape).astype(leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+def write_untrained_checkpoint(workdir, config=TINY, class_names=CLASS_NAMES):
+    """Writes into `workdir` a checkpoint as `train` writes it (step 0), of an untrained model
+    of `config` (default: a 64 px ssd_mini) for `class_names`. Returns `workdir`."""
+    config = dataclasses.replace(config, workdir=str(workdir))
+    model = random_model(config, len(class_names))
+    _, state = train_lib.create_train_state(model, train_lib.make_optimizer(config))
+    meta = train_lib.checkpoint_meta(config, class_names, model.config)
+    manager = checkpoint_manager(workdir / "checkpoints")
+    save(manager, 0, state, meta)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
