@@ -226,7 +226,8 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     loader = pipeline.make_train_loader(
         train_source, batch_size=local_batch_size, max_boxes=config.max_boxes,
         image_size=image_size, seed=config.seed, transform=transform,
-        worker_count=config.num_workers, start_step=start_step)
+        worker_count=config.num_workers, start_step=start_step,
+        shard=(jax.process_index(), jax.process_count()))
     predict = inference.make_predict_fn(graphdef, prior_boxes(run_model_config.priors))
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 

@@ -137,3 +137,13 @@ def test_worker_processes_give_the_same_batches():
     finally:
         loader.close()
 
+
+
+def test_shards_split_the_source_between_processes():
+    source = ShapesDataset("train", num_examples=12, image_size=32, max_objects=2)
+    seen = []
+    for index in range(3):
+        loader = make_train_loader(source, batch_size=4, max_boxes=2, seed=0, image_size=32,
+                                   num_epochs=1, shard=(index, 3))
+        seen += [image.tobytes() for batch in loader for image in batch["image"]]
+    assert sorted(seen) == sorted(source[i]["image"].tobytes() for i in range(12))

@@ -57,7 +57,8 @@ def resize_image(example: dict, image_size: int) -> dict:
 
 def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, transform=None,
                       worker_count: int = 0, num_epochs: int | None = None,
-                      image_size: int = 128, start_step: int = 0) -> grain.DatasetIterator:
+                      image_size: int = 128, start_step: int = 0,
+                      shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
     """Shuffled, repeated, augmented training batches.
 
     Args:
@@ -70,12 +71,15 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
         done to stop the workers.
       num_epochs: passes over the source; None repeats forever (reshuffled each epoch).
       start_step: batches to skip, to resume a run that stopped after `start_step` batches.
+      shard: (index, count): read only examples index, index + count, ... of the source, so
+        each process of a multi-host run feeds its devices different examples.
 
     Returns: iterator (with grain's `get_state` / `set_state`) of dicts {"image": uint8
     [B, S, S, 3], "boxes": float32 [B, G, 4] corners, "labels": int32 [B, G], "mask": bool [B, G]}
     with B = batch_size, S = image_size, G = max_boxes. An incomplete last batch is dropped.
     """
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    index, count = shard
+    dataset = grain.MapDataset.source(source)[index::count].shuffle(seed=seed).repeat(num_epochs)
     if transform is not None:
         dataset = dataset.random_map(transform, seed=seed)
     dataset = (dataset.map(functools.partial(resize_image, image_size=image_size))
