@@ -19,9 +19,9 @@ PRESETS = {
     # an ImageNet-initialized VGG16, needs far longer. The shapes need no augmentation.
     "shapes": TrainConfig(
         dataset="shapes", model="ssd_mini", batch_size=32, max_boxes=8, augment=False,
-        num_steps=2500, optimizer="adam", learning_rate=1e-3, warmup_steps=100,
-        decay_steps=(1800, 2300), workdir="runs/shapes", log_every=20, checkpoint_every=500,
-        eval_every=500, eval_examples=500),
+        num_steps=3000, optimizer="adam", learning_rate=2e-3, warmup_steps=100,
+        decay_steps=(2200, 2700), workdir="runs/shapes", log_every=20, checkpoint_every=500,
+        eval_every=1000, eval_examples=500),
 }
 
 
