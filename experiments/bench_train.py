@@ -83,8 +83,9 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
 
 
 def run(model: str = "ssd300", batch_size: int = 8, repeats: int = 3, dtype: str = "float32",
-        peak_tflops: float | None = None) -> list[dict]:
-    """Measures inference (batch 1 and `batch_size`) and the train step; one row each.
+        peak_tflops: float | None = None) -> tuple[list[dict], list[str]]:
+    """Measures inference (batch 1 and `batch_size`) and the train step: a table row each,
+    and lines describing the workload and the threads.
 
     Where torchvision is there, its calls alternate with ours, so that a change in the
     load of a shared machine hits both columns alike.
@@ -103,7 +104,11 @@ def run(model: str = "ssd300", batch_size: int = 8, repeats: int = 3, dtype: str
         if jax.devices()[0].platform == "gpu" and peak_tflops:
             row["% of peak"] = f"{100 * ours.flops / seconds[0] / (peak_tflops * 1e12):.1f}"
         rows.append(row)
-    return rows
+    notes = [f"{model}, {dtype}: one batch of {batch_size} synthetic shapes images "
+             f"{image_size}x{image_size}, ground truth padded to {MAX_BOXES} slots, "
+             f"{NUM_CLASSES} classes (+ background); median of {repeats} timed calls each.",
+             threads_line()]
+    return rows, notes
 
 
 def median_seconds(calls: list[Callable], repeats: int) -> list[float]:
@@ -227,11 +232,12 @@ def main(argv=None) -> None:
                         help="the GPU's peak TFLOP/s for --dtype: adds a %% of peak column")
     args = parser.parse_args(argv)
 
+    rows, notes = run(args.model, args.batch_size, args.repeats, args.dtype, args.peak_tflops)
     print(machine_info())
     print()
-    print_table(run(args.model, args.batch_size, args.repeats, args.dtype, args.peak_tflops))
+    print_table(rows)
     print()
-    print(threads_line())
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":
