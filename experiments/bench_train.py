@@ -125,8 +125,8 @@ def jax_subjects(config: TrainConfig, batch: dict):
     predict = make_predict_fn(graphdef, prior_boxes(model_config(config, NUM_CLASSES).priors))
     for key, images in ("infer_1", batch["image"][:1]), ("infer_b", batch["image"]):
         compiled, compile_s = _compile(predict, state.params, state.rest, images)
-        yield key, _warm(lambda: compiled(state.params, state.rest, images), len(images),
-                         _xla_flops(compiled), compile_s)
+        yield key, _warm(functools.partial(compiled, state.params, state.rest, images),
+                         len(images), _xla_flops(compiled), compile_s)
 
     batch = shard_batch(batch, mesh)
     compiled, compile_s = _compile(train_step, state, batch)
