@@ -15,8 +15,8 @@ Measures on one synthetic batch (`ssd_jax.data.shapes` images at the model's inp
 Images/s are steady state: each function is lowered and compiled once (that time is the
 "compile s" column), called once more to warm up, then timed over `--repeats` calls
 (median), alternating with the peer's calls below. GFLOP/image is XLA's cost analysis
-of the compiled function divided by its batch; on a GPU, `--peak-tflops` (the card's dense peak for the dtype) adds the fraction
-of it reached.
+of the compiled function divided by its batch; on a GPU, `--peak-tflops` (the card's
+dense peak for the dtype) adds the fraction of it reached.
 
 Peer, when torch and torchvision are importable (never a dependency of this project)
 and the model is SSD300: torchvision's `ssd300_vgg16(weights=None, weights_backbone=None,
