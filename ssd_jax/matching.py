@@ -47,7 +47,7 @@ def match(gt_boxes, gt_labels, priors, iou_threshold=0.5, *, gt_mask=None, num_c
             gt_boxes, gt_labels, gt_mask, batch_dims=0, num_classes=num_classes)
         reference_encoding.check_priors(priors)
         check_threshold(iou_threshold, "iou_threshold")
-    return _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold)
+    return _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, _used_slots(gt_mask))
 
 
 def build_targets(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5,
@@ -72,43 +72,81 @@ def build_targets(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5,
         reference_encoding.check_variances(variances)
         check_threshold(iou_threshold, "iou_threshold")
 
+    gt_mask = jnp.asarray(gt_mask, bool)
+    used_slots = _used_slots(gt_mask)  # of the whole batch: one loop bound, not a batched one
+
     def one_image(boxes, labels, mask):
-        matched_boxes, matched_labels = _match(boxes, labels, mask, priors, iou_threshold)
+        matched_boxes, matched_labels = _match(boxes, labels, mask, priors, iou_threshold,
+                                               used_slots)
         return encode(matched_boxes, priors, variances), matched_labels
 
-    return jax.vmap(one_image)(jnp.asarray(gt_boxes), jnp.asarray(gt_labels), jnp.asarray(gt_mask))
+    return jax.vmap(one_image)(jnp.asarray(gt_boxes), jnp.asarray(gt_labels), gt_mask)
+
+
+def _used_slots(gt_mask):
+    """1 + the last real gt slot (0 if none): the padded slots after it can be skipped."""
+    slot_numbers = jnp.arange(1, gt_mask.shape[-1] + 1)
+    return jnp.max(jnp.where(gt_mask, slot_numbers, 0), initial=0)
 
 
 @jax.jit
-def _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold):
+def _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, used_slots):
     gt_boxes, gt_labels = jnp.asarray(gt_boxes, jnp.float32), jnp.asarray(gt_labels, jnp.int32)
     gt_mask = jnp.asarray(gt_mask, bool)
     prior_corners = center_to_corners(jnp.asarray(priors, jnp.float32))
     num_gts, num_priors = gt_boxes.shape[0], prior_corners.shape[0]
     if num_gts == 0:
         return prior_corners, jnp.zeros(num_priors, jnp.int32)
-    # IoU -1 for padded gts: below every real IoU and every threshold.
-    overlaps = jnp.where(gt_mask[:, None], iou(gt_boxes, prior_corners), -1.0)  # [G, P]
+    prior_rows = prior_corners.T  # [4, P]
 
-    # XLA:CPU's argmax is a slow scalar loop; a running max over the G rows is
-    # elementwise over P (strict > keeps the lowest gt on ties) and ~1.6x faster.
-    def take_if_better(g, best):
-        best_overlap, best_gt = best
-        better = overlaps[g] > best_overlap
-        return jnp.where(better, overlaps[g], best_overlap), jnp.where(better, g, best_gt)
+    # One pass over the gt slots computes each gt's IoU row [P] on the fly, so
+    # the [G, P] matrix is never stored, and the argmaxes use max, min and sign
+    # only: XLA:CPU runs argmax and compares on big arrays as slow scalar loops.
+    def add_gt(g, best):
+        best_overlap, best_gt, best_prior = best
+        # IoU -1 for padded gts: below every real IoU and every threshold.
+        overlaps = jnp.where(gt_mask[g], _iou_with_priors(gt_boxes[g], prior_rows), -1.0)
+        new_best_overlap = jnp.maximum(best_overlap, overlaps)
+        better = jnp.sign(new_best_overlap - best_overlap)  # 1 where strictly better, else 0
+        best_gt = best_gt + better * (g - best_gt)  # float32: exact for gt indices
+        return new_best_overlap, best_gt, best_prior.at[g].set(_first_argmax(overlaps))
 
-    best_overlap, best_gt = jax.lax.fori_loop(
-        1, num_gts, take_if_better, (overlaps[0], jnp.zeros(num_priors, jnp.int32)))
+    # -2: every gt slot, even padded (-1), beats it, so gt 0 is everyone's first best.
+    start = jnp.full(num_priors, -2.0), jnp.zeros(num_priors), jnp.zeros(num_gts, jnp.int32)
+    best_overlap, best_gt, best_prior = jax.lax.fori_loop(0, used_slots, add_gt, start)
     above_threshold = best_overlap >= iou_threshold
     # Bipartite step: each real gt claims its best prior; scatter-max keeps the
     # highest (latest) gt index among the claimants of a prior, -1 if none.
-    best_prior = jax.lax.top_k(overlaps, 1)[1][:, 0]  # [G], ties -> lowest prior index
     claimant = jnp.where(gt_mask, jnp.arange(num_gts), -1)
     claimed_by = jnp.full(num_priors, -1).at[best_prior].max(claimant)  # [P]
 
     claimed = claimed_by >= 0
-    assigned_gt = jnp.where(claimed, claimed_by, best_gt)
+    assigned_gt = jnp.where(claimed, claimed_by, best_gt.astype(jnp.int32))
     positive = claimed | above_threshold
     labels = jnp.where(positive, gt_labels[assigned_gt], 0)
     matched_boxes = jnp.where(positive[:, None], gt_boxes[assigned_gt], prior_corners)
     return matched_boxes, labels
+
+
+def _iou_with_priors(box, prior_rows):
+    """IoU of one box [4] with every prior, given as corner rows [4, P] -> [P].
+
+    The arithmetic of `boxes.iou`, but on contiguous coordinate rows, and its
+    compare (union > 0) becomes a max: union is 0 only when the intersection is.
+    """
+    xmin, ymin, xmax, ymax = box
+    prior_xmin, prior_ymin, prior_xmax, prior_ymax = prior_rows
+    intersection = (
+        jnp.maximum(jnp.minimum(xmax, prior_xmax) - jnp.maximum(xmin, prior_xmin), 0.0)
+        * jnp.maximum(jnp.minimum(ymax, prior_ymax) - jnp.maximum(ymin, prior_ymin), 0.0))
+    box_area = jnp.maximum(xmax - xmin, 0.0) * jnp.maximum(ymax - ymin, 0.0)
+    prior_area = (jnp.maximum(prior_xmax - prior_xmin, 0.0)
+                  * jnp.maximum(prior_ymax - prior_ymin, 0.0))
+    union = box_area + prior_area - intersection
+    return intersection / jnp.maximum(union, jnp.finfo(jnp.float32).tiny)
+
+
+def _first_argmax(x):
+    """Index of the first maximum of x [N], as argmax: sign(max - x) is 0 exactly at maxima."""
+    index = jnp.arange(x.shape[0], dtype=jnp.float32)
+    return jnp.min(jnp.maximum(jnp.sign(jnp.max(x) - x) * x.shape[0], index)).astype(jnp.int32)
