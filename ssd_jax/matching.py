@@ -19,7 +19,7 @@ from reference import encoding as reference_encoding
 from reference import matching as reference_matching
 from reference.validation import check_threshold
 from ssd_jax._validation import is_concrete
-from ssd_jax.boxes import center_to_corners, iou
+from ssd_jax.boxes import center_to_corners
 from ssd_jax.encoding import encode
 
 
