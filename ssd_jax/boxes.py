@@ -6,6 +6,7 @@ All functions are jit-able; called on concrete arrays they first run the
 reference's input checks (ValueError on bad shapes or non-finite values), under
 jit (traced arrays) they skip them.
 """
+import jax
 import jax.numpy as jnp
 
 from reference import boxes as reference_boxes
@@ -25,13 +26,26 @@ def iou(a, b):
     if is_concrete(a, b):
         check_boxes(a, "a")
         check_boxes(b, "b")
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    top_left = jnp.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-    intersection = _area(jnp.concatenate([top_left, bottom_right], axis=-1))
-    union = _area(a)[:, None] + _area(b)[None, :] - intersection
-    # Two degenerate boxes have union 0: IoU 0, not 0/0 (and no NaN gradient).
-    return jnp.where(union > 0, intersection / jnp.where(union > 0, union, 1.0), 0.0)
+    return jax.vmap(iou_with_rows, (0, None))(jnp.asarray(a), jnp.asarray(b).T)
+
+
+def iou_with_rows(box, rows):
+    """IoU of one box [4] with M boxes given as coordinate rows [4, M] -> [M].
+
+    The layout keeps each coordinate contiguous, and the degenerate case (union 0,
+    so intersection 0) is a max rather than a compare: 0 / tiny = 0, never NaN.
+    Both matter on XLA:CPU, where compares over large arrays are slow; matching
+    calls this once per ground-truth box.
+    """
+    xmin, ymin, xmax, ymax = box
+    rows_xmin, rows_ymin, rows_xmax, rows_ymax = rows
+    intersection = (
+        jnp.maximum(jnp.minimum(xmax, rows_xmax) - jnp.maximum(xmin, rows_xmin), 0.0)
+        * jnp.maximum(jnp.minimum(ymax, rows_ymax) - jnp.maximum(ymin, rows_ymin), 0.0))
+    box_area = jnp.maximum(xmax - xmin, 0.0) * jnp.maximum(ymax - ymin, 0.0)
+    rows_area = jnp.maximum(rows_xmax - rows_xmin, 0.0) * jnp.maximum(rows_ymax - rows_ymin, 0.0)
+    union = box_area + rows_area - intersection
+    return intersection / jnp.maximum(union, jnp.finfo(union.dtype).tiny)
 
 
 def corners_to_center(boxes):

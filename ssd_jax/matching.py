@@ -19,7 +19,7 @@ from reference import encoding as reference_encoding
 from reference import matching as reference_matching
 from reference.validation import check_threshold
 from ssd_jax._validation import is_concrete
-from ssd_jax.boxes import center_to_corners
+from ssd_jax.boxes import center_to_corners, iou_with_rows
 from ssd_jax.encoding import encode
 
 
@@ -105,7 +105,7 @@ def _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, used_slots):
     def add_gt(g, best):
         best_overlap, best_gt, best_prior = best
         # IoU -1 for padded gts: below every real IoU and every threshold.
-        overlaps = jnp.where(gt_mask[g], _iou_with_priors(gt_boxes[g], prior_rows), -1.0)
+        overlaps = jnp.where(gt_mask[g], iou_with_rows(gt_boxes[g], prior_rows), -1.0)
         new_best_overlap = jnp.maximum(best_overlap, overlaps)
         better = jnp.sign(new_best_overlap - best_overlap)  # 1 where strictly better, else 0
         best_gt = best_gt + better * (g - best_gt)  # float32: exact for gt indices
@@ -126,24 +126,6 @@ def _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, used_slots):
     labels = jnp.where(positive, gt_labels[assigned_gt], 0)
     matched_boxes = jnp.where(positive[:, None], gt_boxes[assigned_gt], prior_corners)
     return matched_boxes, labels
-
-
-def _iou_with_priors(box, prior_rows):
-    """IoU of one box [4] with every prior, given as corner rows [4, P] -> [P].
-
-    The arithmetic of `boxes.iou`, but on contiguous coordinate rows, and its
-    compare (union > 0) becomes a max: union is 0 only when the intersection is.
-    """
-    xmin, ymin, xmax, ymax = box
-    prior_xmin, prior_ymin, prior_xmax, prior_ymax = prior_rows
-    intersection = (
-        jnp.maximum(jnp.minimum(xmax, prior_xmax) - jnp.maximum(xmin, prior_xmin), 0.0)
-        * jnp.maximum(jnp.minimum(ymax, prior_ymax) - jnp.maximum(ymin, prior_ymin), 0.0))
-    box_area = jnp.maximum(xmax - xmin, 0.0) * jnp.maximum(ymax - ymin, 0.0)
-    prior_area = (jnp.maximum(prior_xmax - prior_xmin, 0.0)
-                  * jnp.maximum(prior_ymax - prior_ymin, 0.0))
-    union = box_area + prior_area - intersection
-    return intersection / jnp.maximum(union, jnp.finfo(jnp.float32).tiny)
 
 
 def _first_argmax(x):
