@@ -7,6 +7,11 @@ import time
 import jax
 import numpy as np
 
+# PyTorch's OpenMP threads spin after each op by default and slow the XLA call that
+# follows by ~50% on 2 cores; passive waiting keeps interleaved timings fair. It must
+# be set before torch loads, which the benchmarks do after importing this module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def time_fn(fn, *, warmup: int = 3, repeat: int = 20) -> float:
     """Median wall-clock seconds of one `fn()` call.
