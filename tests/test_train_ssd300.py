@@ -11,12 +11,14 @@ from ssd_jax.sharding import data_mesh, shard_batch
 
 @pytest.mark.slow
 def test_ssd300_loss_falls_on_shapes_over_30_steps():
+    # From scratch (no ImageNet backbone here), so Adam, as the shapes preset; a few
+    # images seen repeatedly, so 30 steps are enough to see the loss fall.
     config = train_lib.TrainConfig(dataset="shapes", model="ssd300", batch_size=4, max_boxes=8,
-                                   augment=False, learning_rate=1e-3, warmup_steps=0,
-                                   decay_steps=())
+                                   augment=False, optimizer="adam", learning_rate=1e-4,
+                                   warmup_steps=0, decay_steps=())
     mesh = data_mesh(jax.devices()[:1])
     _, state, train_step = train_lib.init_training(config, len(CLASS_NAMES), mesh)
-    source = ShapesDataset("train", num_examples=120, image_size=300)
+    source = ShapesDataset("train", num_examples=8, image_size=300)
     loader = pipeline.make_train_loader(source, batch_size=4, max_boxes=8, image_size=300, seed=0)
     losses = []
     for _ in range(30):
