@@ -109,7 +109,10 @@ def _distorted_canvas_pixels(image, image_rows, image_columns, photometric_rng, 
     # Monotonic indices: the ones inside the image form one run.
     row_run = np.flatnonzero((image_rows >= 0) & (image_rows < height))
     column_run = np.flatnonzero((image_columns >= 0) & (image_columns < width))
-    shown = np.take(image[image_rows[row_run]], image_columns[column_run], axis=1)
+    shown = image[_run_as_slice(image_rows[row_run])]
+    columns = _run_as_slice(image_columns[column_run])
+    # np.take gathers columns about twice as fast as indexing with an array.
+    shown = shown[:, columns] if isinstance(columns, slice) else np.take(shown, columns, axis=1)
     distorted = photometric_distort(shown, photometric_rng)
     if distorted.shape[:2] == (len(image_rows), len(image_columns)):
         return distorted
@@ -117,3 +120,15 @@ def _distorted_canvas_pixels(image, image_rows, image_columns, photometric_rng, 
     if row_run.size and column_run.size:
         pixels[row_run[0]:row_run[-1] + 1, column_run[0]:column_run[-1] + 1] = distorted
     return pixels
+
+
+def _run_as_slice(indices: np.ndarray):
+    """Distinct monotonic `indices` as a slice when they are consecutive (ascending or descending,
+    as when the resize enlarges): NumPy then views the pixels instead of gathering them 3 bytes at
+    a time, which costs a third as much as distorting them. Other indices are returned as they
+    are."""
+    if not indices.size or abs(indices[-1] - indices[0]) != indices.size - 1:
+        return indices
+    step = 1 if indices[-1] >= indices[0] else -1
+    stop = indices[-1] + step
+    return slice(indices[0], stop if stop >= 0 else None, step)
