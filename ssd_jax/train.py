@@ -150,6 +150,9 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
 def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelConfig:
     """The ModelConfig a training run builds; `overrides` replace its fields."""
     if config.image_size:
+        if config.model != "ssd_mini":
+            raise ValueError(f"--image-size applies to ssd_mini only; {config.model} has the "
+                             "fixed input size of its default boxes")
         overrides.setdefault("image_size", config.image_size)
     if config.backbone_weights and "pixel_mean" not in overrides:
         overrides.update(backbone_pixel_stats(config.backbone_weights))
