@@ -46,15 +46,13 @@ def iou(a, b) -> np.ndarray:
     """
     a = check_boxes(a, "a").astype(np.float64)
     b = check_boxes(b, "b").astype(np.float64)
-    overlaps = np.zeros((len(a), len(b)))
-    for i, box in enumerate(a):
-        top_left = np.maximum(box[:2], b[:, :2])
-        bottom_right = np.minimum(box[2:], b[:, 2:])
-        intersection = _area(np.concatenate([top_left, bottom_right], axis=1))
-        union = _area(box) + _area(b) - intersection
-        # Two degenerate boxes have union 0 (and intersection 0): IoU 0, not 0/0.
-        overlaps[i] = np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
-    return overlaps
+    # Every pair at once: a's boxes along the first axis, b's along the second.
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    intersection = _area(np.concatenate([top_left, bottom_right], axis=-1))
+    union = _area(a)[:, None] + _area(b)[None, :] - intersection
+    # Two degenerate boxes have union 0 (and intersection 0): IoU 0, not 0/0.
+    return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
 
 
 def corners_to_center(boxes) -> np.ndarray:

@@ -124,6 +124,29 @@ def test_folder_reader_parses_boxes_labels_difficult_and_image_size(devkit):
     assert len(voc.VOC_CLASSES) == 20
 
 
+@pytest.mark.parametrize("mode, fmt, options", [
+    ("RGB", "JPEG", {"quality": 90}), ("RGB", "JPEG", {"subsampling": 1, "progressive": True}),
+    ("L", "JPEG", {}), ("RGB", "PNG", {}), ("P", "PNG", {})])
+def test_decode_image_gives_pillows_rgb_pixels(tmp_path, mode, fmt, options):
+    """libjpeg-turbo through simplejpeg for JPEGs, Pillow for the rest: Pillow's pixels either
+    way, odd sizes and chroma subsampling included."""
+    path = tmp_path / "image"
+    pixels = np.random.default_rng(3).integers(0, 256, (23, 37, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, fmt, **options)
+    with Image.open(path) as image:
+        expected = np.asarray(image.convert("RGB"))
+    decoded = voc.read_image(path)
+    assert decoded.dtype == np.uint8 and decoded.shape == (23, 37, 3)
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_read_image_names_the_file_it_cannot_read(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"not an image")
+    with pytest.raises(OSError, match="broken.jpg"):
+        voc.read_image(path)
+
+
 def test_folder_reader_indexes_like_a_sequence_and_pickles(devkit):
     source = voc.VOCFolder(devkit, voc.TEST_SPLITS)
     assert len(source) == 1
@@ -149,12 +172,12 @@ def test_unknown_class_name_is_reported_with_its_file(tmp_path):
 
 def _tfds_example(builder_module, devkit, year, image_id):
     """The example TFDS's own VOC builder generates for `image_id`, encoded, serialized and read
-    back the way tfds.data_source reads it."""
+    back the way tfds.data_source reads it for VOCTfds (image left as its JPEG bytes)."""
     builder = builder_module.Voc(config=year, data_dir=str(devkit.parent / "no_tfds_data"))
     generated = builder._generate_example(str(devkit.parent), image_id, load_annotations=True)
     features = builder.info.features
     return features.deserialize_example_np(
-        features.serialize_example(features.encode_example(generated)))
+        features.serialize_example(features.encode_example(generated)), decoders=voc.DECODERS)
 
 
 def test_tfds_builder_examples_convert_to_exactly_the_folder_examples(devkit, tfds_voc_builder):
@@ -171,7 +194,8 @@ def test_tfds_source_concatenates_years_read_with_tfds_data_source(devkit, tfds_
     image_sets = {tfds_split: image_set for image_set, tfds_split in voc.TFDS_SPLITS.items()}
     served = []  # (year, tfds split) asked for
 
-    def fake_as_data_source(builder, split, **unused):
+    def fake_as_data_source(builder, split, decoders=None, **unused):
+        assert decoders is voc.DECODERS
         year = builder.builder_config.name
         served.append((year, split))
         ids = IMAGES.get((year, image_sets[split]), {})
