@@ -1,9 +1,11 @@
 """Input pipeline throughput of SSD300 training: `python -m experiments.bench_input`.
 
-Writes VOC-sized JPEGs (500x375, smooth colour gradients, pixel noise and filled shapes with their
-boxes) to a temporary folder, then measures the full host-side work per training image: JPEG
-decode, `ssd_train_transform(300)` (augmentation and resize to 300x300) and the loader's own
-steps, `pipeline.resize_image` (a no-op on a 300x300 image) and `pipeline.pad_targets`:
+Writes VOC-sized JPEGs (500x375, smooth colour gradients, pixel noise and filled shapes) with
+their XML annotations as a VOCdevkit folder in a temporary folder, then measures the full
+host-side work per training image: reading the example with the project's VOC folder reader
+(`ssd_jax.data.voc.VOCFolder`: file reads, XML parsing, JPEG decode), `ssd_train_transform(300)`
+(augmentation and resize to 300x300) and the loader's own steps, `pipeline.resize_image` (a no-op
+on a 300x300 image) and `pipeline.pad_targets`:
 
   1. in this process, per step, for the fast transform (`ssd_jax.data.augment`), the
      reference (`reference.augment`) and, when torch is importable (never a dependency of this
@@ -29,7 +31,7 @@ from experiments.benchlib import print_table
 from reference import augment as reference_augment
 from ssd_jax.data import augment as fast_augment
 from ssd_jax.data.pipeline import make_train_loader, pad_targets, resize_image
-from ssd_jax.data.voc import read_image
+from ssd_jax.data.voc import VOC_CLASSES, VOCFolder, annotation_xml
 
 try:
     import torch
@@ -43,62 +45,43 @@ IMAGE_SIZE = 300             # SSD300
 MAX_BOXES = 50               # VOC images hold at most 42 objects
 TARGET = 200                 # images/s per core
 VOC_TRAINVAL_IMAGES = 16551  # VOC2007 + VOC2012 trainval
-STEPS = ("decode", "augment", "pad")  # timed separately per image
+STEPS = ("read", "augment", "pad")  # timed separately per image
 
 
-def write_jpegs(directory: Path, count: int, seed: int = 0) -> list[dict]:
-    """`count` JPEGs with 1..8 filled rectangles or ellipses each; returns their annotations
-    {"path", "boxes" float32 [G, 4] normalized corners, "labels" int32 [G] in 1..20,
-    "difficult" bool [G]}."""
+def write_devkit(directory: Path, count: int, seed: int = 0) -> Path:
+    """A VOCdevkit folder in `directory` holding `count` JPEGs with 1..8 filled rectangles or
+    ellipses each, their XML annotations (random classes, 1 in 10 objects difficult), and two
+    split lists of VOC2007: "trainval" names every image once, "cycled" names them over and over,
+    VOC_TRAINVAL_IMAGES lines in all. Returns the VOCdevkit folder."""
     rng = np.random.default_rng(seed)
-    annotations = []
-    for index in range(count):
+    root = directory / "VOCdevkit"
+    folder = root / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True)
+    ids = [f"{index:06d}" for index in range(count)]
+    for image_id in ids:
         coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
         canvas = Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.BILINEAR)
         draw = ImageDraw.Draw(canvas)
-        boxes = []
+        objects = []
         for _ in range(rng.integers(1, 9)):
             width, height = rng.integers(20, WIDTH // 2), rng.integers(20, HEIGHT // 2)
             left, top = rng.integers(0, WIDTH - width), rng.integers(0, HEIGHT - height)
-            box = (left, top, left + width, top + height)
             shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
-            shape((box[0], box[1], box[2] - 1, box[3] - 1),
+            shape((left, top, left + width - 1, top + height - 1),
                   fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-            boxes.append(box)
+            objects.append((VOC_CLASSES[rng.integers(len(VOC_CLASSES))], left, top,
+                            left + width, top + height, rng.random() < 0.1))
         noisy = np.asarray(canvas, np.int16) + rng.integers(-12, 13, (HEIGHT, WIDTH, 3))
-        path = directory / f"{index:04d}.jpg"
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
-        count = len(boxes)
-        annotations.append({
-            "path": str(path),
-            "boxes": (np.asarray(boxes, np.float32) / [WIDTH, HEIGHT, WIDTH, HEIGHT]).astype(
-                np.float32),
-            "labels": rng.integers(1, 21, count).astype(np.int32),
-            "difficult": rng.random(count) < 0.1,
-        })
-    return annotations
-
-
-class JpegSource:
-    """Random-access source that decodes its JPEG on every access with the VOC readers' decoder
-    (`ssd_jax.data.voc.read_image`).
-
-    `length` entries (default: one per JPEG) cycle through the JPEGs. The loader is timed on a
-    source of VOC07+12 trainval's length: grain's shuffle computes each shuffled index on the
-    fly, which costs about 0.5 ms per element over 64 elements but 5 us over 16,551.
-    """
-
-    def __init__(self, annotations: list[dict], length: int | None = None):
-        self.annotations = annotations
-        self.length = len(annotations) if length is None else length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        annotation = self.annotations[index % len(self.annotations)]
-        return {"image": read_image(annotation["path"]), **{key: annotation[key]
-                                    for key in ("boxes", "labels", "difficult")}}
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
+            folder / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        (folder / "Annotations" / f"{image_id}.xml").write_text(
+            annotation_xml(WIDTH, HEIGHT, objects))
+    lists = folder / "ImageSets" / "Main"
+    (lists / "trainval.txt").write_text("\n".join(ids) + "\n")
+    cycled = [ids[index % count] for index in range(VOC_TRAINVAL_IMAGES)]
+    (lists / "cycled.txt").write_text("\n".join(cycled) + "\n")
+    return root
 
 
 def _cpu_seconds(processes) -> float:
@@ -112,7 +95,7 @@ def _cpu_seconds(processes) -> float:
     return total
 
 
-def time_steps(source: JpegSource, transform, repeats: int) -> dict[str, float]:
+def time_steps(source: VOCFolder, transform, repeats: int) -> dict[str, float]:
     """CPU milliseconds per image of each step, the best of `repeats` passes over the source."""
     best = {}
     for _ in range(repeats):
@@ -120,12 +103,12 @@ def time_steps(source: JpegSource, transform, repeats: int) -> dict[str, float]:
         for index in range(len(source)):
             start = time.process_time()
             example = source[index]
-            decoded = time.process_time()
+            read = time.process_time()
             example = transform(example, np.random.default_rng(index))
             augmented = time.process_time()
             pad_targets(resize_image(example, IMAGE_SIZE), MAX_BOXES)
             done = time.process_time()
-            for key, elapsed in zip(spent, (decoded - start, augmented - decoded,
+            for key, elapsed in zip(spent, (read - start, augmented - read,
                                             done - augmented)):
                 spent[key] += elapsed
         for key, elapsed in spent.items():
@@ -134,13 +117,11 @@ def time_steps(source: JpegSource, transform, repeats: int) -> dict[str, float]:
     return best
 
 
-def time_loader(source: JpegSource, transform, workers: int, batches: int, batch_size: int,
+def time_loader(source: VOCFolder, transform, workers: int, batches: int, batch_size: int,
                 repeats: int) -> tuple[float, float]:
     """(images per CPU-second over this process and the workers, images per wall second) of
-    `make_train_loader` over the source's JPEGs cycled to VOC07+12 trainval's length, the best
-    of `repeats` windows of `batches` batches each, once the workers have started and delivered
-    a first batch."""
-    source = JpegSource(source.annotations, VOC_TRAINVAL_IMAGES)
+    `make_train_loader` over `source`, the best of `repeats` windows of `batches` batches each,
+    once the workers have started and delivered a first batch."""
     loader = make_train_loader(source, batch_size=batch_size, max_boxes=MAX_BOXES, seed=0,
                                transform=transform, worker_count=workers, image_size=IMAGE_SIZE)
     per_core = per_second = 0.0
@@ -189,7 +170,7 @@ def torchvision_ssd_transform(image_size: int, mean=reference_augment.MEAN_RGB):
     return transform
 
 
-def run(images: int = 64, repeats: int = 3, workers=(2,), batches: int = 8,
+def run(images: int = 64, repeats: int = 3, workers=(2,), batches: int = 16,
         batch_size: int = 32) -> tuple[list[dict], list[str]]:
     """Table rows (one per transform measured in this process, one per grain worker count) and
     lines describing the workload and the target."""
@@ -200,21 +181,24 @@ def run(images: int = 64, repeats: int = 3, workers=(2,), batches: int = 8,
         torch.set_num_threads(1)  # as torch's DataLoader sets in its workers
         transforms["torchvision"] = torchvision_ssd_transform(IMAGE_SIZE)
     with tempfile.TemporaryDirectory() as directory:
-        source = JpegSource(write_jpegs(Path(directory), images))
+        devkit = write_devkit(Path(directory), images)
+        source = VOCFolder(devkit, [("2007", "trainval")])
         steps = {name: time_steps(source, transform, repeats)
                  for name, transform in transforms.items()}
         rows = [_row(f"{name}, one process", steps[name], steps["fast"]) for name in steps]
         for count in workers:
-            per_core, per_second = time_loader(source, transforms["fast"], count, batches,
+            per_core, per_second = time_loader(VOCFolder(devkit, [("2007", "cycled")]),
+                                               transforms["fast"], count, batches,
                                                batch_size, repeats)
             rows.append({"pipeline": f"fast, grain {count} workers ({per_second:.0f}/s wall)",
                          **{f"{key} ms": "-" for key in STEPS},
                          "images/s per core": f"{per_core:.0f}", "CPU time / fast's": "-"})
-    notes = [f"{images} JPEGs {WIDTH}x{HEIGHT}; per image: decode, ssd_train_transform("
-             f"{IMAGE_SIZE}), pad to {MAX_BOXES} boxes. One process: CPU ms per image, best of "
-             f"{repeats} passes. Grain: best of {repeats} windows of {batches} batches of "
-             f"{batch_size}, the JPEGs cycled to {VOC_TRAINVAL_IMAGES} examples (VOC07+12 "
-             "trainval's count: grain's shuffle costs more per example on short datasets).",
+    notes = [f"{images} JPEGs {WIDTH}x{HEIGHT} in a VOCdevkit folder; per image: read (VOCFolder: "
+             f"XML, JPEG decode), ssd_train_transform({IMAGE_SIZE}), pad to {MAX_BOXES} boxes. "
+             f"One process: CPU ms per image, best of {repeats} passes. Grain: best of {repeats} "
+             f"windows of {batches} batches of {batch_size} from a split list naming the JPEGs "
+             f"over and over, {VOC_TRAINVAL_IMAGES} examples as VOC07+12 trainval (grain's "
+             "shuffle costs about 0.5 ms per example on a 64-example dataset, 5 us on VOC's).",
              f"Target: >= {TARGET} images/s per core."]
     return rows, notes
 
@@ -226,7 +210,7 @@ def _row(name: str, steps: dict[str, float], fast: dict[str, float]) -> dict:
             "CPU time / fast's": f"{steps['total'] / fast['total']:.2f}x"}
 
 
-def profile(source: JpegSource, transform, top: int = 15) -> None:
+def profile(source: VOCFolder, transform, top: int = 15) -> None:
     """cProfile of the single-process loop: where the time goes, by function."""
     profiler = cProfile.Profile()
     profiler.enable()
@@ -243,7 +227,7 @@ def main(argv=None) -> None:
                         help="timed passes or loader windows; the best one counts")
     parser.add_argument("--workers", type=int, nargs="*", default=[2],
                         help="grain worker counts to measure")
-    parser.add_argument("--batches", type=int, default=8, help="batches per loader window")
+    parser.add_argument("--batches", type=int, default=16, help="batches per loader window")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the loop")
     args = parser.parse_args(argv)
@@ -254,7 +238,8 @@ def main(argv=None) -> None:
     print("\n".join(notes[1:]))
     if args.profile:
         with tempfile.TemporaryDirectory() as directory:
-            profile(JpegSource(write_jpegs(Path(directory), args.images)),
+            devkit = write_devkit(Path(directory), args.images)
+            profile(VOCFolder(devkit, [("2007", "trainval")]),
                     fast_augment.ssd_train_transform(IMAGE_SIZE))
 
 

@@ -42,8 +42,9 @@ SECTIONS = (
      "elementwise work) and torch's flop counter (convolutions and matmuls, every tap).",
      lambda quick: bench_train.run(repeats=2 if quick else 3)),
     ("Input pipeline",
-     "Host-side work per SSD300 training image (JPEG decode, augmentation with the resize to "
-     "300x300, padding of the targets), in CPU time, so the figures hold on a busy machine: "
+     "Host-side work per SSD300 training image (reading it with the VOC folder reader: XML "
+     "and JPEG decode; augmentation with the resize to 300x300; padding of the targets), in "
+     "CPU time, so the figures hold on a busy machine: "
      "this project's fast transform, its NumPy reference and torchvision's `transforms.v2` "
      "SSD recipe on one thread; then the fast transform through grain's worker processes. "
      "The last column is CPU time over the fast transform's: above 1x, ours is faster.",
@@ -53,7 +54,7 @@ SECTIONS = (
 REPRODUCE = """\
 ```
 python -m venv torchvenv && . torchvenv/bin/activate
-pip install -e . torch torchvision --extra-index-url https://download.pytorch.org/whl/cpu
+pip install -e . torch==2.14.1 torchvision==0.29.1   # CPU is enough
 python -m experiments.benchmark            # rewrites BENCHMARKS.md
 ```
 Without torch the torchvision columns read n/a. Each benchmark also runs alone:

@@ -37,16 +37,6 @@ IMAGES = {
 }
 
 
-def _annotation_xml(width, height, objects):
-    parts = [f"<annotation><folder>VOC</folder><size><width>{width}</width>"
-             f"<height>{height}</height><depth>3</depth></size>"]
-    for name, xmin, ymin, xmax, ymax, difficult in objects:
-        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
-                     f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{xmin}</xmin>"
-                     f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
-    return "\n".join(parts + ["</annotation>"])
-
-
 def _write_image(path, width, height, mode, seed):
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 50, height)[:, None, None]
@@ -66,7 +56,7 @@ def devkit(tmp_path_factory):
             _write_image(folder / "JPEGImages" / f"{image_id}.jpg", width, height, mode,
                          (seed, index))
             (folder / "Annotations" / f"{image_id}.xml").write_text(
-                _annotation_xml(width, height, objects))
+                voc.annotation_xml(width, height, objects))
         (folder / "ImageSets/Main" / f"{image_set}.txt").write_text("\n".join(images) + "\n")
         if image_set == "trainval":  # TFDS builds its train and validation splits from these
             ids = list(images)
@@ -165,7 +155,7 @@ def test_folder_reader_names_the_missing_split_list(devkit, tmp_path):
 
 def test_unknown_class_name_is_reported_with_its_file(tmp_path):
     path = tmp_path / "bad.xml"
-    path.write_text(_annotation_xml(10, 10, [("unicorn", 1, 1, 5, 5, False)]))
+    path.write_text(voc.annotation_xml(10, 10, [("unicorn", 1, 1, 5, 5, False)]))
     with pytest.raises(ValueError, match="bad.xml.*unicorn"):
         voc.parse_annotation(path)
 

@@ -84,6 +84,24 @@ def parse_annotation(path) -> dict:
     }
 
 
+def annotation_xml(width: int, height: int, objects) -> str:
+    """A VOC XML annotation, what `parse_annotation` reads: for data in VOC's layout (tests,
+    benchmarks, converting a dataset of your own).
+
+    Args:
+      width, height: the image's size in pixels.
+      objects: (class name, xmin, ymin, xmax, ymax, difficult) tuples, corners in VOC's 1-based
+        pixel indices.
+    """
+    parts = [f"<annotation><folder>VOC</folder><size><width>{width}</width>"
+             f"<height>{height}</height><depth>3</depth></size>"]
+    for name, xmin, ymin, xmax, ymax, difficult in objects:
+        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{xmin}</xmin>"
+                     f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
+    return "\n".join(parts + ["</annotation>"])
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Image file bytes -> uint8 [H, W, 3] RGB (grey repeated in the three channels).
 
