@@ -19,6 +19,7 @@ never runs code from it.
 `write_pth` writes the zip layout (or the legacy one) for a dict of arrays, for tests and to
 hand weights to PyTorch.
 """
+import collections
 import io
 import pickle
 import struct
@@ -101,7 +102,8 @@ class _Placeholder:
 
 
 _ALLOWED = {
-    ("collections", "OrderedDict"): dict,
+    # A state dict is an OrderedDict with a _metadata attribute, which a plain dict refuses.
+    ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
