@@ -144,7 +144,7 @@ def jax_inference(settings: Settings, batch_sizes, dtype: str = "float32") -> di
     config = TrainConfig(model=settings.model, batch_size=max(batch_sizes), dtype=dtype,
                          max_boxes=MAX_BOXES)
     graphdef, state, _ = init_training(config, NUM_CLASSES, data_mesh())
-    predict = make_predict_fn(graphdef, prior_boxes(model_config(config, NUM_CLASSES).priors))
+    predict = make_predict_fn(graphdef, model_config(config, NUM_CLASSES))
     images = synthetic_batch(max(batch_sizes), image_size(config))["image"]
     results = {}
     for size in batch_sizes:
