@@ -9,7 +9,7 @@ import sys
 
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
 from ssd_jax.flags import add_config_flags, config_from_args
-from ssd_jax.inference import format_ap_table
+from ssd_jax.evaluation import format_ap_table
 from ssd_jax.train import TrainConfig, model_config, train
 
 PRESETS = {

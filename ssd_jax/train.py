@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from reference.priors import prior_boxes
 from ssd_jax import inference
-from ssd_jax.checkpoint import checkpoint_manager, load_meta, restore, save
+from ssd_jax.checkpoint import checkpoint_manager, checkpoint_meta, restore, save
 from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
+from ssd_jax.evaluation import evaluate_source
 from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import RULES, build_targets
 from ssd_jax.model import SSD, ModelConfig, get_config
@@ -212,14 +213,6 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {key: float(np.mean([m[key] for m in host])) for key in host[0]}
 
 
-def checkpoint_meta(config: TrainConfig, class_names, model_config: ModelConfig) -> dict:
-    """The JSON saved beside the state: enough to rebuild the model without the data.
-    Pixel statistics are kept because the backbone weight file that set them may be
-    gone when the checkpoint is used."""
-    return dict(class_names=list(class_names), train=dataclasses.asdict(config),
-                pixel_mean=model_config.pixel_mean, pixel_std=model_config.pixel_std)
-
-
 def init_training(config: TrainConfig, num_classes: int, mesh):
     """The model's graph, its train state replicated over `mesh`, and the jitted step."""
     model = build_model(config, num_classes)
@@ -248,7 +241,7 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
 
     graphdef, state, train_step = init_training(config, len(class_names), mesh)
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    meta = checkpoint_meta(config, class_names, run_model_config)
+    meta = checkpoint_meta(run_model_config, class_names, train=dataclasses.asdict(config))
     if manager.latest_step() is not None:
         state, _ = restore(manager, state)
     start_step = int(state.step)
@@ -259,11 +252,13 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step,
         shard=(jax.process_index(), jax.process_count()), keep_difficult=config.keep_difficult)
-    predict = inference.make_predict_fn(graphdef, prior_boxes(run_model_config.priors))
+    predict = inference.make_predict_fn(graphdef, run_model_config)
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 
     def run_eval(step):
-        result = evaluate_source(predict, state, eval_source, config, image_size, len(class_names))
+        result = evaluate_source(predict, state.params, state.rest, eval_source,
+                                 batch_size=config.batch_size, max_boxes=config.max_boxes,
+                                 image_size=image_size, num_classes=len(class_names))
         log.write({"step": step, "map": result["map"]})
         return result
 
@@ -300,38 +295,3 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
     (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return result
-
-
-def evaluate_source(predict, state, source, config: TrainConfig, image_size: int,
-                    num_classes: int) -> dict:
-    loader = pipeline.make_eval_loader(source, batch_size=config.batch_size,
-                                       max_boxes=config.max_boxes, image_size=image_size)
-    return inference.evaluate(predict, state.params, state.rest, loader, num_classes,
-                              num_batches=-(-len(source) // config.batch_size))
-
-
-def config_from_meta(meta: dict) -> TrainConfig:
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["train"].items()}
-    return TrainConfig(**fields)
-
-
-def load_trained_model(directory, step: int | None = None):
-    """Rebuilds the model of a training run's checkpoint directory.
-
-    `directory` is a run's workdir or its checkpoints/ folder. Returns (model, meta);
-    meta holds the class names and the training config.
-    """
-    if (Path(directory) / "checkpoints").is_dir():
-        directory = Path(directory) / "checkpoints"
-    manager = checkpoint_manager(directory, read_only=True)
-    meta = load_meta(directory, step)
-    config = config_from_meta(meta)
-    tx = make_optimizer(config)
-
-    def new_model():
-        return build_model(config, len(meta["class_names"]),
-                           pixel_mean=tuple(meta["pixel_mean"]), pixel_std=tuple(meta["pixel_std"]))
-
-    state, _ = restore(manager, jax.eval_shape(lambda: create_train_state(new_model(), tx)[1]), step)
-    graphdef = nnx.graphdef(nnx.eval_shape(new_model))
-    return nnx.merge(graphdef, state.params, state.rest), meta
