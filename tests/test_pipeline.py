@@ -57,6 +57,13 @@ def test_difficult_objects_are_dropped_unless_kept():
     np.testing.assert_array_equal(kept["labels"], [1, 2, 3, 4])
 
 
+def test_train_loader_keeps_difficult_objects_when_asked():
+    source = [_example(4, difficult=[1, 2])] * 8
+    for keep_difficult, count in ((False, 2), (True, 4)):
+        batch = next(make_train_loader(source, seed=0, keep_difficult=keep_difficult, **LOADER))
+        np.testing.assert_array_equal(batch["mask"].sum(axis=1), count)
+
+
 def test_train_batches_have_static_shapes_and_targets_match_the_source():
     batches = _take(make_train_loader(SOURCE, seed=0, **LOADER), 3)
     by_image = {SOURCE[i]["image"].tobytes(): SOURCE[i] for i in range(len(SOURCE))}

@@ -58,7 +58,8 @@ def resize_image(example: dict, image_size: int) -> dict:
 def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, transform=None,
                       worker_count: int = 0, num_epochs: int | None = None,
                       image_size: int = 128, start_step: int = 0,
-                      shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
+                      shard: tuple[int, int] = (0, 1),
+                      keep_difficult: bool = False) -> grain.DatasetIterator:
     """Shuffled, repeated, augmented training batches.
 
     Args:
@@ -73,6 +74,8 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
       start_step: batches to skip, to resume a run that stopped after `start_step` batches.
       shard: (index, count): read only examples index, index + count, ... of the source, so
         each process of a multi-host run feeds its devices different examples.
+      keep_difficult: train on objects marked difficult too, as the Caffe release does
+        (`train_on_diff_gt`); by default they are dropped, as ssd.pytorch does.
 
     Returns: iterator (with grain's `get_state` / `set_state`) of dicts {"image": uint8
     [B, S, S, 3], "boxes": float32 [B, G, 4] corners, "labels": int32 [B, G], "mask": bool [B, G]}
@@ -83,7 +86,8 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
     if transform is not None:
         dataset = dataset.random_map(transform, seed=seed)
     dataset = (dataset.map(functools.partial(resize_image, image_size=image_size))
-               .map(functools.partial(pad_targets, max_boxes=max_boxes))
+               .map(functools.partial(pad_targets, max_boxes=max_boxes,
+                                      keep_difficult=keep_difficult))
                .batch(batch_size, drop_remainder=True))
     batches = dataset[start_step:].to_iter_dataset(READ_OPTIONS)
     if worker_count > 0:
