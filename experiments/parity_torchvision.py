@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import convert_ssd
+from experiments.benchlib import print_table
 from ssd_jax.detector import Detector, load_image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera", "coins",
@@ -129,17 +130,33 @@ def _torchvision_version() -> str:
     return torchvision.__version__
 
 
-def format_table(result: dict) -> str:
-    header = ("| photo | size (WxH) | torchvision detections | ours | twinned | labels | "
-              "scores min / median / max | max score diff | max corner diff px |")
-    lines = [header, "|" + "---|" * 9]
-    for r in result["rows"]:
-        lines.append(f"| {r['photo']} | {r['size']} | {r['torchvision']} | {r['ours']} | "
-                     f"{r['twinned']} | {r['labels']} | {r['scores']} | "
-                     f"{r['score_diff']:.1e} | {r['corner_diff']:.1e} |")
-    lines.append(f"| **all** | | {result['total']} | {sum(r['ours'] for r in result['rows'])} | "
-                 f"{result['twinned']} ({100 * result['fraction']:.2f}%) | | | | |")
-    return "\n".join(lines)
+def table_rows(result: dict) -> list[dict]:
+    """One row per photo and a total, for `benchlib.print_table`."""
+    rows = [{"photo": r["photo"], "size (WxH)": r["size"],
+             "torchvision detections": r["torchvision"], "ours": r["ours"],
+             "twinned": r["twinned"], "labels": r["labels"],
+             "scores min / median / max": r["scores"],
+             "max score diff": f"{r['score_diff']:.1e}",
+             "max corner diff px": f"{r['corner_diff']:.1e}"} for r in result["rows"]]
+    rows.append({"photo": "all", "size (WxH)": "", "torchvision detections": result["total"],
+                 "ours": sum(r["ours"] for r in result["rows"]),
+                 "twinned": f"{result['twinned']} ({100 * result['fraction']:.2f}%)",
+                 "labels": "", "scores min / median / max": "",
+                 "max score diff": f"{max(r['score_diff'] for r in result['rows']):.1e}",
+                 "max corner diff px": f"{max(r['corner_diff'] for r in result['rows']):.1e}"})
+    return rows
+
+
+def section(quick: bool = False) -> tuple[list[dict], list[str]]:
+    """experiments.benchmark's section: (rows, notes); n/a where torch is not installed."""
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+        import skimage  # noqa: F401
+    except ImportError as error:
+        return [{"photo": "n/a", "twinned": f"n/a ({error.name} not installed)"}], []
+    result = run()
+    return table_rows(result), [summary(result)]
 
 
 def summary(result: dict) -> str:
@@ -163,7 +180,7 @@ def main(argv=None) -> dict:
                         help="factor on the random box regression head")
     args = parser.parse_args(argv)
     result = run(args.seed, args.class_scale, args.box_scale)
-    print(format_table(result))
+    print_table(table_rows(result))
     print()
     print(summary(result))
     return result
