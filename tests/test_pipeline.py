@@ -1,7 +1,9 @@
 import itertools
 
 import numpy as np
+import pytest
 
+from reference.resize import resize_image
 from ssd_jax.data.pipeline import make_eval_loader, make_train_loader, pad_targets
 from ssd_jax.data.shapes import ShapesDataset
 
@@ -133,6 +135,16 @@ def test_eval_loader_covers_every_example_once_in_order_with_a_padded_last_batch
     last = batches[-1][0]
     assert last["image"].shape == (4, SIZE, SIZE, 3)
     assert not last["image"][2:].any() and not last["mask"][2:].any()
+
+
+@pytest.mark.parametrize("mode", ["opencv", "float"])
+def test_eval_loader_resizes_as_the_checkpoint_says(mode):
+    source = ShapesDataset("validation", num_examples=3, image_size=2 * SIZE)
+    (batch, _), = list(make_eval_loader(source, batch_size=3, max_boxes=6, image_size=SIZE,
+                                        resize=mode))
+    expected = np.stack([resize_image(source[i]["image"], SIZE, mode) for i in range(3)])
+    assert batch["image"].dtype == expected.dtype == (np.float32 if mode == "float" else np.uint8)
+    np.testing.assert_array_equal(batch["image"], expected)
 
 
 def test_worker_processes_give_the_same_batches():
