@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from reference.priors import prior_boxes
-from reference.resize import RESIZE_MODES
+from ssd_jax.data.resize import RESIZE_MODES
 from reference.validation import check_positive_int, check_threshold
 from ssd_jax.nms import detect
 
@@ -33,7 +33,7 @@ class InferenceConfig:
         (prior, class) pairs do (mmdetection).
       drop_empty_boxes: drop boxes of zero width or height before NMS (mmdetection).
       resize: how an image is resized to the model's input, one of
-        `reference.resize.RESIZE_MODES`: "uint8" (bilinear, rounded to uint8, as the
+        `ssd_jax.data.resize.RESIZE_MODES`: "uint8" (bilinear, rounded to uint8, as the
         training pipeline does), "float" (bilinear, unrounded: torchvision) or "opencv"
         (OpenCV's fixed-point uint8 INTER_LINEAR: ssd.pytorch, lufficc/SSD, mmdetection).
     """

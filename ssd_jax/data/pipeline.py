@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from reference.augment import resize
+from ssd_jax.data.resize import resize
 
 # Elements of the iterators are whole batches: a few threads, a short queue of ready batches.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -46,7 +46,7 @@ def pad_targets(example: dict, max_boxes: int, *, keep_difficult: bool = False) 
 
 def resize_image(example: dict, image_size: int) -> dict:
     """Example with its image resized to [S, S, 3], S = image_size, by the same bilinear
-    resize the training augmentation ends with (`reference.augment.resize`), so evaluation
+    resize the training augmentation ends with (`ssd_jax.data.resize.resize`), so evaluation
     sees what training saw; normalized boxes need no change. An image already of that size
     is passed through untouched."""
     image = example["image"]
