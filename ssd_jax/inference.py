@@ -18,7 +18,8 @@ CANDIDATE_MODES = ("per_class", "per_level")
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
     """How images become detections; a checkpoint stores one, so a converted peer's detector
-    gives that peer's output (the defaults are the paper's section 3.7 and the Caffe release).
+    gives that peer's output (the defaults are the paper's section 3.7 and the Caffe release's,
+    but for `clip_boxes`: Caffe does not clip).
 
     Attributes:
       score_threshold: a detection needs a class probability above it.
@@ -27,7 +28,7 @@ class InferenceConfig:
         ("per_level"); None: no cap.
       top_k: most detections per image; None: no cap (every NMS survivor).
       clip_boxes: clip decoded boxes to the image before NMS (torchvision, mmdetection);
-        ssd.pytorch and lufficc/SSD do not.
+        the Caffe release, ssd.pytorch and lufficc/SSD do not.
       candidates: "per_class": each class's best `pre_nms_top_k` boxes enter NMS (Caffe,
         torchvision, ssd.pytorch); "per_level": each feature map's best `pre_nms_top_k`
         (prior, class) pairs do (mmdetection).
