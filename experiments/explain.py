@@ -29,7 +29,7 @@ from PIL import Image  # noqa: E402
 
 from reference.boxes import center_to_corners, iou  # noqa: E402
 from reference.encoding import decode, encode  # noqa: E402
-from reference.matching import match  # noqa: E402
+from reference.matching import claim_priors, match  # noqa: E402
 from reference.nms import nms  # noqa: E402
 from reference.priors import SSD300, cell_boxes, prior_boxes  # noqa: E402
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset  # noqa: E402
@@ -98,16 +98,18 @@ def draw_default_boxes(example, priors):
 
 
 def draw_matching(example, priors):
-    """`match` with SSD300's priors: each gt's best prior (step 1, however low its IoU) and the
-    priors with IoU >= 0.5 (step 2), and how many priors each map contributes. Every shapes
-    object has a prior with IoU >= 0.5, so a made-up sliver joins them to show step 1's use."""
+    """`match` with SSD300's priors: the prior each gt claims (step 1, Caffe's bipartite rule:
+    the best one still free, however low its IoU) and the priors with IoU >= 0.5 (step 2), and
+    how many priors each map contributes. Every shapes object has a prior with IoU >= 0.5, so a
+    made-up sliver joins them to show step 1's use."""
     gt_boxes = np.concatenate([example["boxes"], SLIVER])
     gt_labels = np.append(example["labels"], 1)
     names = [CLASS_NAMES[label - 1] for label in example["labels"]] + ["made-up sliver"]
     matched_boxes, labels = match(gt_boxes, gt_labels, priors, MATCH_THRESHOLD)
     owner = matched_gt(matched_boxes, labels, gt_boxes)
     overlaps = iou(gt_boxes, center_to_corners(priors))
-    best_prior = overlaps.argmax(axis=1)  # step 1's claims
+    claimed_by = claim_priors(overlaps)  # step 1; each gt here overlaps some prior
+    best_prior = np.array([np.flatnonzero(claimed_by == g)[0] for g in range(len(gt_boxes))])
     map_of_prior = np.repeat(np.arange(len(PRIORS_PER_MAP)), PRIORS_PER_MAP)
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 5.2), width_ratios=(1, 1.1))
     show_image(ax, example["image"], margin=10)
@@ -119,10 +121,10 @@ def draw_matching(example, priors):
         draw_box(ax, box * SIZE, colour, lw=3)
         counts = np.bincount(map_of_prior[owner == g], minlength=len(PRIORS_PER_MAP))
         bars.bar(np.arange(len(counts)) + (g - (len(gt_boxes) - 1) / 2) * width, counts, width,
-                 color=colour, label=f"{name}: {counts.sum()} priors, best IoU "
+                 color=colour, label=f"{name}: {counts.sum()} priors, own prior IoU "
                                      f"{overlaps[g, best_prior[g]]:.2f}")
     ax.legend(handles=[Line2D([], [], color="k", lw=3, label="ground truth"),
-                       Line2D([], [], color="k", lw=2.5, ls=":", label="its best prior (step 1)"),
+                       Line2D([], [], color="k", lw=2.5, ls=":", label="its own prior (step 1)"),
                        Line2D([], [], color="k", lw=0.8, ls="--", label="IoU >= 0.5 (step 2)")],
               fontsize=8, loc="lower left", framealpha=0.85)
     ax.set_title(f"match(): {int((labels > 0).sum())} of {len(priors)} priors are positive",
@@ -132,7 +134,7 @@ def draw_matching(example, priors):
     bars.set_xlabel("feature map")
     bars.set_ylabel("matched priors")
     bars.set_title("Objects match on the maps of their scale; the sliver, which no prior\n"
-                   "overlaps by 0.5, gets only its best prior (step 1)", fontsize=10)
+                   "overlaps by 0.5, gets only its own prior (step 1)", fontsize=10)
     bars.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -242,10 +244,11 @@ FIGURES = {
                       "boxes of one scale s_k and several aspect ratios; coarser maps hold larger "
                       "boxes."),
     "matching": (draw_matching, "Matching (`reference.matching.match`): each ground-truth box "
-                 "claims its best prior (step 1, even when the overlap is low), then every prior "
-                 "with IoU >= 0.5 joins it (step 2). Objects are matched on the maps of their "
+                 "claims a prior of its own, the best one still free (step 1, Caffe's greedy "
+                 "bipartite rule, even when the overlap is low), then every prior with IoU >= "
+                 "0.5 joins its best gt (step 2). Objects are matched on the maps of their "
                  "scale; a made-up 8 x 99 px sliver, which no prior overlaps by 0.5, gets only "
-                 "its best prior."),
+                 "its own prior."),
     "encoding": (draw_encoding, "Encoding (`reference.encoding.encode`, `decode`): a matched "
                  "prior's target is the offset of its gt box (paper eq. 2, divided by the "
                  "variances 0.1 and 0.2); decoding the offsets gives back the gt box exactly."),

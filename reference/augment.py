@@ -14,12 +14,13 @@ and mirror) and of ssd.pytorch (`SSDAugmentation` in utils/augmentations.py):
      keeping the objects whose centre lies in the patch (`random_crop`);
   4. horizontal flip with probability 1/2 (`random_flip`);
   5. resize to the network's input size (`resize`): bilinear with half-pixel centres and no
-     antialiasing, OpenCV's INTER_LINEAR, which both releases use. Each output pixel reads 2x2
-     input pixels, so the cost follows the output size, not the up to 4x4 larger patch.
+     antialiasing, OpenCV's INTER_LINEAR, which both releases use.
 
 Mean/std normalization is left to the model (`ssd_jax.model.ModelConfig.pixel_mean`): the output
 image is uint8. `ssd_train_transform` composes the steps into a `transform` for
-`ssd_jax.data.pipeline.make_train_loader`; `ssd_jax.data.augment` is its fast twin.
+`ssd_jax.data.pipeline.make_train_loader`. This module is written to be read, step by step on
+whole images; `ssd_jax.data.augment` is its fast twin (same output, bit for bit), and
+`ssd_jax.data.resize` holds the fast resize that training, evaluation and the detector use.
 
 Images are uint8 [H, W, 3] RGB. Boxes are [G, 4] corners (xmin, ymin, xmax, ymax) normalized to
 [0, 1] by the width and height of the image they belong to, so each geometric step returns them
@@ -72,7 +73,6 @@ MIN_IOU_CHOICES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
 PATCH_SIDE_RANGE = (0.3, 1.0)     # patch width (height) / image width (height)
 PATCH_ASPECT_RANGE = (0.5, 2.0)   # patch height / width, in pixels
 PATCH_TRIALS = 50
-STRIP_PIXELS = 16384              # pixels per strip (photometric_distort, interpolate)
 
 
 def split_rng(rng: np.random.Generator, count: int) -> list[np.random.Generator]:
@@ -83,8 +83,7 @@ def split_rng(rng: np.random.Generator, count: int) -> list[np.random.Generator]
 
 
 # --- Photometric distortions. ---
-# They work on float32 channel planes [3, H, W] with values in [0, 255]: NumPy runs elementwise
-# operations on contiguous planes many times faster than on the interleaved [H, W, 3] layout.
+# They work on float32 channel planes [3, H, W] (red, green, blue) with values in [0, 255].
 
 def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[3, ...] float planes R, G, B in [0, 255] -> planes (hue, saturation, value): hue in
@@ -94,20 +93,17 @@ def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     value = np.maximum(np.maximum(red, green), blue)
     chroma = value - np.minimum(np.minimum(red, green), blue)
     # The largest channel (red first on ties) picks a third of the colour wheel, the other two
-    # the place in it, in sixths of the wheel. Masks times values: faster than np.where.
-    red_max = value == red
-    green_max = (value == green) & ~red_max
-    blue_max = ~(red_max | green_max)
-    sixths = (red_max * (green - blue) + green_max * (2 * chroma + blue - red)
-              + blue_max * (4 * chroma + red - green)) / (chroma + (chroma == 0))
-    sixths += sixths.dtype.type(6) * (sixths < 0)   # [-1, 5) -> [0, 6]
-    return 60 * sixths, chroma / (value + (value == 0)), value
+    # the place in it, in sixths of the wheel: red at 0, green at 2, blue at 4.
+    offset = np.where(value == red, green - blue,
+                      np.where(value == green, 2 * chroma + blue - red, 4 * chroma + red - green))
+    sixths = offset / np.where(chroma == 0, 1, chroma)
+    sixths = np.where(sixths < 0, sixths + 6, sixths)   # [-1, 5) -> [0, 6]
+    return 60 * sixths, chroma / np.where(value == 0, 1, value), value
 
 
 def wrap_hue(hue: np.ndarray) -> np.ndarray:
     """Hue in degrees in [-360, 720) -> the same angle in [0, 360]."""
-    turn = hue.dtype.type(360)  # a NumPy scalar: a Python int times a bool array is int64
-    return hue + turn * (hue < 0) - turn * (hue >= 360)
+    return np.where(hue < 0, hue + 360, np.where(hue >= 360, hue - 360, hue)).astype(hue.dtype)
 
 
 def hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -115,15 +111,15 @@ def hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np
     the inverse of `rgb_to_hsv`."""
     chroma = value * saturation
     sixths = hue / 60
-    rgb = np.empty((3,) + hue.shape, hue.dtype)
     # Channel red (green, blue) sits at hue 0 (120, 240): it equals the value within 60 degrees
     # of there, drops linearly to value - chroma over the next 60 and stays there (Wikipedia's
     # "HSV to RGB alternative": k = (n + hue / 60) mod 6 for n = 5, 3, 1).
-    for channel, n in enumerate((5, 3, 1)):
+    channels = []
+    for n in (5, 3, 1):
         k = sixths + n
-        k -= k.dtype.type(6) * (k >= 6)
-        np.subtract(value, chroma * np.clip(np.minimum(k, 4 - k), 0, 1), out=rgb[channel])
-    return rgb
+        k = np.where(k >= 6, k - 6, k)   # mod 6, for k in [1, 12)
+        channels.append(value - chroma * np.clip(np.minimum(k, 4 - k), 0, 1))
+    return np.stack(channels)
 
 
 def adjust_brightness(pixels: np.ndarray, delta: float) -> np.ndarray:
@@ -136,22 +132,6 @@ def adjust_contrast(pixels: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(pixels * factor, 0, 255)
 
 
-def adjust_saturation(pixels: np.ndarray, factor: float) -> np.ndarray:
-    """Scales HSV saturation by `factor`, clipped to [0, 1]; hue and value stay.
-
-    Computed without leaving RGB: with value V (the largest channel) and chroma C (largest minus
-    smallest), a channel x is V - (V - x), and (V - x) / C depends on the hue alone. Saturation
-    C / V scaled by `factor` and clipped at 1 makes the chroma min(factor * C, V), so every
-    channel becomes V - min(factor, V / C) * (V - x): the HSV round trip's result, at a quarter of
-    its cost. pixels: float32 [3, H, W].
-    """
-    red, green, blue = pixels
-    value = np.maximum(np.maximum(red, green), blue)
-    chroma = value - np.minimum(np.minimum(red, green), blue)
-    scale = np.minimum(factor, value / (chroma + (chroma == 0)))
-    return np.clip(value - scale * (value - pixels), 0, 255)
-
-
 def adjust_saturation_and_hue(pixels: np.ndarray, saturation: float, hue: float) -> np.ndarray:
     """Scales HSV saturation by `saturation` (clipped to [0, 1]) and rotates hue by `hue` degrees
     in [-360, 360], in one round trip through HSV, as ssd.pytorch does between its two
@@ -159,6 +139,11 @@ def adjust_saturation_and_hue(pixels: np.ndarray, saturation: float, hue: float)
     old_hue, old_saturation, value = rgb_to_hsv(pixels)
     new_saturation = np.minimum(old_saturation * saturation, 1)
     return np.clip(hsv_to_rgb(wrap_hue(old_hue + hue), new_saturation, value), 0, 255)
+
+
+def adjust_saturation(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """Scales HSV saturation by `factor`, clipped to [0, 1]; hue and value stay."""
+    return adjust_saturation_and_hue(pixels, factor, 0.0)
 
 
 class Photometric(NamedTuple):
@@ -214,9 +199,7 @@ def photometric_distort(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     """SSD's photometric distortions (`sample_photometric`, `apply_photometric`) of an image.
 
     Every step maps each pixel's RGB on its own, so the result on any region of the image is the
-    region of the result: `ssd_jax.data.augment` relies on this, and so does the work here in
-    strips of rows, whose float temporaries stay in cache and are recycled by malloc (whole-image
-    temporaries cost more in page faults than in arithmetic).
+    region of the result: `ssd_jax.data.augment` relies on this.
 
     Args:
       image: uint8 [H, W, 3].
@@ -224,25 +207,8 @@ def photometric_distort(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
       uint8 [H, W, 3], rounded from the float32 result.
     """
     params = sample_photometric(rng)
-    if params.saturation is None and params.hue is None:
-        return _distort_by_table(image, params)
-    distorted = np.empty(image.shape, np.uint8)
-    rows = max(1, STRIP_PIXELS // max(image.shape[1], 1))
-    for top in range(0, image.shape[0], rows):
-        strip = image[top:top + rows]
-        pixels = np.array(np.moveaxis(strip, -1, 0), np.float32, order="C")  # planes [3, h, W]
-        distorted[top:top + rows] = np.rint(apply_photometric(pixels, params)).transpose(1, 2, 0)
-    return distorted
-
-
-def _distort_by_table(image, params):
-    """Without saturation and hue, every step maps a channel value on its own, the same way for
-    all channels: the 256 possible results, computed once, give the same numbers as computing
-    every pixel, several times faster."""
-    values = np.arange(256, dtype=np.float32)
-    table = np.rint(apply_photometric(values, params._replace(channels=None))).astype(np.uint8)
-    distorted = np.take(table, image)
-    return distorted if params.channels is None else distorted[..., list(params.channels)]
+    pixels = np.moveaxis(image, -1, 0).astype(np.float32)  # planes [3, H, W]
+    return np.rint(np.moveaxis(apply_photometric(pixels, params), 0, -1)).astype(np.uint8)
 
 
 # --- Zoom out ("expand"). ---
@@ -284,11 +250,7 @@ def expand_boxes(boxes: np.ndarray, expansion: Expansion, height: int, width: in
 
 def filled_canvas(height: int, width: int, mean) -> np.ndarray:
     """uint8 [height, width, 3] of the RGB `mean` (0..255 scale) rounded."""
-    canvas = np.empty((height, width, 3), np.uint8)
-    canvas[:1] = np.clip(np.rint(mean), 0, 255)
-    # Copying the first row down is ~100x faster in NumPy than broadcasting 3 values everywhere.
-    canvas[1:] = canvas[:1]
-    return canvas
+    return np.full((height, width, 3), np.clip(np.rint(mean), 0, 255), np.uint8)
 
 
 def expand(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
@@ -423,53 +385,28 @@ def random_flip(image, boxes, rng):
 
 # --- Resize. ---
 
-class Taps(NamedTuple):
-    """Where the pixels of a 1-D bilinear resize read: output pixel i is
-    (1 - weight[i]) * input[low[i]] + weight[i] * input[high[i]]."""
-    low: np.ndarray      # int64 [S]
-    high: np.ndarray     # int64 [S], low + 1 clamped to the input
-    weight: np.ndarray   # float32 [S] in [0, 1)
-
-
-def bilinear_taps(input_size: int, output_size: int) -> Taps:
-    """OpenCV's INTER_LINEAR: output pixel centre i + 1/2 maps to input position
-    (i + 1/2) * input_size / output_size - 1/2, clamped to the first and last input pixel."""
+def bilinear_taps(input_size: int, output_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where a 1-D bilinear resize reads, OpenCV's INTER_LINEAR: output pixel centre i + 1/2
+    maps to input position (i + 1/2) * input_size / output_size - 1/2, clamped to the first and
+    last input pixel. Returns (low, high, weight), [output_size] each: output pixel i is
+    (1 - weight[i]) * input[low[i]] + weight[i] * input[high[i]], high = low + 1 clamped."""
     position = (np.arange(output_size) + 0.5) * (input_size / output_size) - 0.5
     position = np.clip(position, 0, input_size - 1)
     low = np.floor(position).astype(np.int64)
-    return Taps(low, np.minimum(low + 1, input_size - 1), (position - low).astype(np.float32))
-
-
-def interpolate(image: np.ndarray, rows: Taps, columns: Taps) -> np.ndarray:
-    """Bilinear interpolation: uint8 [h, w, 3] -> uint8 [len(rows.low), len(columns.low), 3],
-    reading the pixels the taps name (indices into `image`'s rows and columns): first between two
-    rows, then between two columns of that."""
-    height, width = len(rows.low), len(columns.low)
-    # Rows as [h, w * 3] and a column's 3 channels as 3 entries: then every gather picks single
-    # numbers and every weight broadcasts along a long axis, both fast in NumPy.
-    flat = image.reshape(image.shape[0], -1) if image.flags.c_contiguous else (
-        np.ascontiguousarray(image).reshape(image.shape[0], -1))
-    channel = np.arange(3)
-    left = (3 * columns.low[:, None] + channel).reshape(-1)
-    right = (3 * columns.high[:, None] + channel).reshape(-1)
-    column_weight = np.repeat(columns.weight, 3)
-    resized = np.empty((height, width * 3), np.uint8)
-    strip_rows = max(1, STRIP_PIXELS // width)
-    for start in range(0, height, strip_rows):
-        strip = slice(start, start + strip_rows)
-        top = flat[rows.low[strip]].astype(np.float32)
-        bottom = flat[rows.high[strip]].astype(np.float32)
-        blended = top + (bottom - top) * rows.weight[strip, None]
-        top, bottom = np.take(blended, left, axis=1), np.take(blended, right, axis=1)
-        resized[strip] = np.rint(top + (bottom - top) * column_weight)
-    return resized.reshape(height, width, 3)
+    return low, np.minimum(low + 1, input_size - 1), (position - low).astype(np.float32)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize (`bilinear_taps`) of uint8 [H, W, 3] to uint8 [size, size, 3]. Normalized
-    boxes need no change."""
-    height, width = image.shape[:2]
-    return interpolate(image, bilinear_taps(height, size), bilinear_taps(width, size))
+    """Bilinear resize of uint8 [H, W, 3] to uint8 [size, size, 3], in float32, rounded:
+    first between two rows, then between two columns of that. Normalized boxes need no
+    change."""
+    top, bottom, row_weight = bilinear_taps(image.shape[0], size)
+    left, right, column_weight = bilinear_taps(image.shape[1], size)
+    pixels = image.astype(np.float32)
+    pixels = pixels[top] + (pixels[bottom] - pixels[top]) * row_weight[:, None, None]
+    pixels = (pixels[:, left] + (pixels[:, right] - pixels[:, left])
+              * column_weight[None, :, None])
+    return np.rint(pixels).astype(np.uint8)
 
 
 # --- The whole training transform. ---

@@ -16,7 +16,8 @@ Two rules for step 1 (`rule=`):
     (src/caffe/util/bbox_util.cpp), a greedy one-to-one assignment. Among the
     gts not yet served and the priors not yet claimed, the pair with the
     highest IoU is matched, both leave, and this repeats until every gt is
-    served or no pair with IoU > 0 is left. Distinct gts claim distinct
+    served or no pair with IoU > 0 is left (Caffe's cut-off is 1e-6, not 0:
+    only pairs that barely touch tell them apart). Distinct gts claim distinct
     priors, so every gt owns a prior of its own (when one overlaps it at
     all), even when two near-duplicate boxes have the same best prior: the
     second takes its next best. Equal IoUs go to the lowest prior index, then

@@ -7,7 +7,9 @@ Written after the Caffe release's `DetectionOutput` layer (weiliu89/caffe,
 `detection_output_layer.cpp` and `ApplyNMSFast` in `bbox_util.cpp`): softmax
 scores, decode every prior's box, then per class keep the confident boxes, the
 best `pre_nms_top_k` of them, greedy NMS, and finally the best `top_k` over all
-classes.
+classes. One default departs from it: `detect` clips the decoded boxes to the
+image before NMS (as torchvision and mmdetection do), where Caffe decodes with
+`clip_bbox = false` and never clips; `clip_boxes=False` gives Caffe's boxes.
 """
 import numpy as np
 

@@ -5,7 +5,7 @@
     results = detector(["a.png", image])  # a list in, a list out
 
 Each image is resized on the host to the model's square input, the way the checkpoint's
-inference settings say (`reference.resize`: by default the training pipeline's bilinear uint8
+inference settings say (`ssd_jax.data.resize`: by default the training pipeline's bilinear uint8
 resize; a converted peer's own resize); the forward pass, `nms.detect` and the scaling of the
 boxes back to the original image's pixels run on the device as one jitted function. Images go
 through it in chunks of exactly `batch_size` (the last chunk padded), so images of any mix of
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from reference.resize import resize_image
+from ssd_jax.data.resize import resize_image
 from reference.validation import check_positive_int
 from ssd_jax import inference
 from ssd_jax.checkpoint import load_model

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from reference.priors import prior_boxes
-from reference.resize import RESIZE_MODES
+from ssd_jax.data.resize import RESIZE_MODES
 from reference.validation import check_positive_int, check_threshold
 from ssd_jax.nms import detect
 
@@ -18,7 +18,8 @@ CANDIDATE_MODES = ("per_class", "per_level")
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
     """How images become detections; a checkpoint stores one, so a converted peer's detector
-    gives that peer's output (the defaults are the paper's section 3.7 and the Caffe release).
+    gives that peer's output (the defaults are the paper's section 3.7 and the Caffe release's,
+    but for `clip_boxes`: Caffe does not clip).
 
     Attributes:
       score_threshold: a detection needs a class probability above it.
@@ -27,13 +28,13 @@ class InferenceConfig:
         ("per_level"); None: no cap.
       top_k: most detections per image; None: no cap (every NMS survivor).
       clip_boxes: clip decoded boxes to the image before NMS (torchvision, mmdetection);
-        ssd.pytorch and lufficc/SSD do not.
+        the Caffe release, ssd.pytorch and lufficc/SSD do not.
       candidates: "per_class": each class's best `pre_nms_top_k` boxes enter NMS (Caffe,
         torchvision, ssd.pytorch); "per_level": each feature map's best `pre_nms_top_k`
         (prior, class) pairs do (mmdetection).
       drop_empty_boxes: drop boxes of zero width or height before NMS (mmdetection).
       resize: how an image is resized to the model's input, one of
-        `reference.resize.RESIZE_MODES`: "uint8" (bilinear, rounded to uint8, as the
+        `ssd_jax.data.resize.RESIZE_MODES`: "uint8" (bilinear, rounded to uint8, as the
         training pipeline does), "float" (bilinear, unrounded: torchvision) or "opencv"
         (OpenCV's fixed-point uint8 INTER_LINEAR: ssd.pytorch, lufficc/SSD, mmdetection).
     """

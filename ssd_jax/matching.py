@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from reference import encoding as reference_encoding
 from reference import matching as reference_matching
-from reference.matching import RULES, check_rule  # noqa: F401 (RULES: the rules offered)
+from reference.matching import check_rule
 from reference.validation import check_threshold
 from ssd_jax._validation import is_concrete
 from ssd_jax.boxes import center_to_corners, iou_with_rows

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from reference.matching import RULES
 from reference.priors import prior_boxes
 from ssd_jax import inference
 from ssd_jax.checkpoint import checkpoint_manager, checkpoint_meta, restore, save
@@ -25,7 +26,7 @@ from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
 from ssd_jax.evaluation import evaluate_source
 from ssd_jax.loss import multibox_loss
-from ssd_jax.matching import RULES, build_targets
+from ssd_jax.matching import build_targets
 from ssd_jax.model import SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
 from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_distributed,

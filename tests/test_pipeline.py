@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from reference.resize import resize_image
+from ssd_jax.data.resize import resize_image
 from ssd_jax.data.pipeline import make_eval_loader, make_train_loader, pad_targets
 from ssd_jax.data.shapes import ShapesDataset
 

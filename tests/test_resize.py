@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference.augment import resize as resize_uint8
-from reference.resize import resize_float, resize_image, resize_opencv
+from ssd_jax.data.resize import resize_float, resize_image, resize_opencv
 
 SIZE = 30  # output side: small, but enough for every tap pattern
 

@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from reference.resize import resize_image as resize_to_input
+from ssd_jax.data.resize import resize_image as resize_to_input
 
 # Elements of the iterators are whole batches: a few threads, a short queue of ready batches.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -46,8 +46,8 @@ def pad_targets(example: dict, max_boxes: int, *, keep_difficult: bool = False) 
 
 def resize_image(example: dict, image_size: int, mode: str = "uint8") -> dict:
     """Example with its image resized to [S, S, 3], S = image_size, by default by the same
-    bilinear resize the training augmentation ends with (`reference.augment.resize`), so
-    evaluation sees what training saw; `mode` names another of `reference.resize`'s (a
+    bilinear resize the training augmentation ends with (`ssd_jax.data.resize.resize`), so
+    evaluation sees what training saw; `mode` names another of `ssd_jax.data.resize`'s (a
     converted peer's own). Normalized boxes need no change. A uint8 image already of that
     size is passed through untouched."""
     image = example["image"]

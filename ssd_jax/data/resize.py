@@ -1,10 +1,11 @@
 """Resizing an image to the detector's square input, the way each implementation does it.
 
-A trained detector gives its own detections only when it sees the pixels it saw in its own
-evaluation, and bilinear resizes differ in their rounding:
+The one home of the resizes that training, evaluation and the detector use. A trained detector
+gives its own detections only when it sees the pixels it saw in its own evaluation, and bilinear
+resizes differ in their rounding:
 
-- "uint8": `reference.augment.resize`, float bilinear rounded to uint8 (this project's
-  training and evaluation pipeline).
+- "uint8": `resize`, float bilinear rounded to uint8 (this project's training and evaluation
+  pipeline); the fast twin of `reference.augment.resize`, the same pixels bit for bit.
 - "float": the same taps, not rounded: float32 pixels (torchvision's `GeneralizedRCNNTransform`,
   `F.interpolate(mode="bilinear", align_corners=False)` without antialiasing).
 - "opencv": `cv2.resize(image, (S, S))` with INTER_LINEAR on uint8, which works in fixed point
@@ -13,12 +14,65 @@ evaluation, and bilinear resizes differ in their rounding:
 All three map output pixel centre i + 1/2 to input position (i + 1/2) * in / out - 1/2; they
 ignore the aspect ratio (boxes stay normalized to the image, so they need no change).
 """
+from typing import NamedTuple
+
 import numpy as np
 
-from reference.augment import bilinear_taps, resize as resize_uint8
-
+STRIP_PIXELS = 16384  # output pixels per strip of `interpolate`
 # OpenCV's fixed point: weights are integers out of 2 ** 11 (INTER_RESIZE_COEF_BITS).
 OPENCV_WEIGHT_ONE = 2048
+
+
+class Taps(NamedTuple):
+    """Where the pixels of a 1-D bilinear resize read: output pixel i is
+    (1 - weight[i]) * input[low[i]] + weight[i] * input[high[i]]."""
+    low: np.ndarray      # int64 [S]
+    high: np.ndarray     # int64 [S], low + 1 clamped to the input
+    weight: np.ndarray   # float32 [S] in [0, 1)
+
+
+def bilinear_taps(input_size: int, output_size: int) -> Taps:
+    """OpenCV's INTER_LINEAR: output pixel centre i + 1/2 maps to input position
+    (i + 1/2) * input_size / output_size - 1/2, clamped to the first and last input pixel."""
+    position = (np.arange(output_size) + 0.5) * (input_size / output_size) - 0.5
+    position = np.clip(position, 0, input_size - 1)
+    low = np.floor(position).astype(np.int64)
+    return Taps(low, np.minimum(low + 1, input_size - 1), (position - low).astype(np.float32))
+
+
+def interpolate(image: np.ndarray, rows: Taps, columns: Taps) -> np.ndarray:
+    """Bilinear interpolation: uint8 [h, w, 3] -> uint8 [len(rows.low), len(columns.low), 3],
+    reading the pixels the taps name (indices into `image`'s rows and columns): first between two
+    rows, then between two columns of that, in float32, rounded (`reference.augment.resize`).
+
+    In strips of rows, whose float temporaries stay in cache (whole-image temporaries cost more
+    in page faults than in arithmetic); rows as [h, w * 3] and a column's 3 channels as 3
+    entries, so that every gather picks single numbers and every weight broadcasts along a long
+    axis, both fast in NumPy.
+    """
+    height, width = len(rows.low), len(columns.low)
+    flat = np.ascontiguousarray(image).reshape(image.shape[0], -1)
+    channel = np.arange(3)
+    left = (3 * columns.low[:, None] + channel).reshape(-1)
+    right = (3 * columns.high[:, None] + channel).reshape(-1)
+    column_weight = np.repeat(columns.weight, 3)
+    resized = np.empty((height, width * 3), np.uint8)
+    strip_rows = max(1, STRIP_PIXELS // width)
+    for start in range(0, height, strip_rows):
+        strip = slice(start, start + strip_rows)
+        top = flat[rows.low[strip]].astype(np.float32)
+        bottom = flat[rows.high[strip]].astype(np.float32)
+        blended = top + (bottom - top) * rows.weight[strip, None]
+        top, bottom = np.take(blended, left, axis=1), np.take(blended, right, axis=1)
+        resized[strip] = np.rint(top + (bottom - top) * column_weight)
+    return resized.reshape(height, width, 3)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize (`bilinear_taps`) of uint8 [H, W, 3] to uint8 [size, size, 3]. Normalized
+    boxes need no change."""
+    height, width = image.shape[:2]
+    return interpolate(image, bilinear_taps(height, size), bilinear_taps(width, size))
 
 
 def resize_float(image: np.ndarray, size: int) -> np.ndarray:
@@ -69,7 +123,7 @@ def resize_opencv(image: np.ndarray, size: int) -> np.ndarray:
     return ((top + bottom + 2) >> 2).astype(np.uint8)
 
 
-RESIZE_MODES = {"uint8": resize_uint8, "float": resize_float, "opencv": resize_opencv}
+RESIZE_MODES = {"uint8": resize, "float": resize_float, "opencv": resize_opencv}
 
 
 def resize_image(image: np.ndarray, size: int, mode: str = "uint8") -> np.ndarray:
