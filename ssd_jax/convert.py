@@ -52,6 +52,8 @@ REDUCE_TAPS = 3     # keep every 3rd tap of fc6's 7x7 window: 7 -> 3
 def read_state_dict(path) -> dict[str, np.ndarray]:
     """A PyTorch state dict from a .pth / .pt (needs torch) or an .npz of the same keys."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             return {key: arrays[key] for key in arrays.files}

@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import math
 import numbers
+import sys
 import typing
+import warnings
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,36 @@ def config_from_args(cls, args: argparse.Namespace, parser: argparse.ArgumentPar
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except ConfigError as error:
         usage_error(parser, error.field, error.problem)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
+def show_warnings_plainly() -> None:
+    """Warnings as one "warning: ..." line on stderr, for command-line programs."""
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
+                                                           file=sys.stderr)
 
 
 def usage_error(parser: argparse.ArgumentParser, field: str, problem: str) -> typing.NoReturn:

@@ -387,15 +387,19 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
                desc="train", unit="step")
     pending, last_time = [], time.perf_counter()
+    unreadable = 0  # examples replaced by empty ones since this process started
     try:
         for step in bar:
-            state, metrics = train_step(state, shard_batch(next(loader), mesh))
+            batch = next(loader)
+            unreadable += int(batch.pop("unreadable").sum())  # host NumPy: no device sync
+            state, metrics = train_step(state, shard_batch(batch, mesh))
             done = step + 1
             pending.append(dict(metrics, step=done))
             if done % config.log_every == 0 or done == config.num_steps:
                 now = time.perf_counter()
                 record = dict(step=done, **_mean_metrics(pending),
-                              images_per_s=len(pending) * config.batch_size / (now - last_time))
+                              images_per_s=len(pending) * config.batch_size / (now - last_time),
+                              unreadable_images=unreadable)
                 pending, last_time = [], now
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
