@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from reference.nms import check_detect_inputs, check_nms_inputs
-from reference.validation import check_array, check_positive_int
-from ssd_jax._validation import is_concrete
+from reference.validation import check_mask, check_positive_int
+from ssd_jax._validation import Shapes, check_not_empty, check_scalar, is_concrete
 from ssd_jax.boxes import iou
 from ssd_jax.encoding import decode
 
@@ -45,14 +45,25 @@ def nms(boxes, scores, iou_threshold, max_output_size: int, *, mask=None):
       indices: [max_output_size] int32 indices into `boxes` of the kept boxes
         by descending score, then 0 padding.
       valid: [max_output_size] bool, True for the kept entries.
+
+    Shapes and dtypes are checked on every call; concrete inputs are also
+    checked like the reference's (ValueError on NaN, a mask other than 0/1).
+    Under jit a NaN score's box is never kept and a nonzero mask entry counts
+    as valid.
     """
     check_positive_int(max_output_size, "max_output_size")
-    if mask is None:
-        mask = jnp.ones(jnp.shape(scores), bool)
+    shapes = Shapes()
+    boxes = shapes.check("boxes", boxes, "N 4")
+    scores = shapes.check("scores", scores, "N")
+    mask = jnp.ones(scores.shape, bool) if mask is None else shapes.check(
+        "mask", mask, "N", kind="bool")
+    check_scalar("iou_threshold", iou_threshold)
     if is_concrete(boxes, scores, iou_threshold, mask):
-        boxes, scores, iou_threshold = check_nms_inputs(boxes, scores, iou_threshold)
-        check_array(mask, "mask", shape=scores.shape)
-    return _nms(boxes, scores, mask, iou_threshold, max_output_size)
+        check_nms_inputs(boxes, scores, iou_threshold)
+        check_mask(mask, "mask")
+    # Under jit, a NaN score marks its box invalid: NaN would sort above every real score.
+    return _nms(boxes, scores, mask.astype(bool) & ~jnp.isnan(scores), iou_threshold,
+                max_output_size)
 
 
 @functools.partial(jax.jit, static_argnames="max_output_size")
@@ -112,9 +123,8 @@ def detect(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0.45,
       labels: [top_k] int32 classes in 1..C.
       valid: [top_k] bool. Padding entries have box 0, score 0, label 0.
     """
-    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
-        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
-                            pre_nms_top_k)
+    loc, conf_logits, priors = _checked_detect_inputs(
+        loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k, "")
     return _detect(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
                    pre_nms_top_k)
 
@@ -125,11 +135,32 @@ def detect_batch(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0
 
     Returns boxes [B, top_k, 4], scores [B, top_k], labels [B, top_k], valid [B, top_k].
     """
-    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
-        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
-                            pre_nms_top_k, batch_dims=1)
+    loc, conf_logits, priors = _checked_detect_inputs(
+        loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k, "B ")
     return _detect_batch(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
                          pre_nms_top_k)
+
+
+def _checked_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                           pre_nms_top_k, batch: str):
+    """(loc, conf_logits, priors) as JAX arrays: shapes and dtypes checked always (`batch` is
+    "" or "B "), values when concrete (the reference's checks, priors with positive sizes)."""
+    shapes = Shapes()
+    priors = shapes.check("priors", priors, "P 4")
+    check_not_empty("priors", shapes.size("P"), "prior")
+    loc = shapes.check("loc", loc, batch + "P 4")
+    conf_logits = shapes.check("conf_logits", conf_logits, batch + "P K")
+    if shapes.size("K") < 2:
+        raise ValueError("conf_logits needs C + 1 >= 2 entries (background and at least one "
+                         f"class), got shape {conf_logits.shape}")
+    check_scalar("score_threshold", score_threshold)
+    check_scalar("iou_threshold", iou_threshold)
+    check_positive_int(top_k, "top_k")
+    check_positive_int(pre_nms_top_k, "pre_nms_top_k")
+    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
+        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                            pre_nms_top_k, batch_dims=len(batch.split()))
+    return loc, conf_logits, priors
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "pre_nms_top_k"))
@@ -141,6 +172,9 @@ def _detect(loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre
     def per_class(class_scores):
         # top_k before thresholding gives the same set as the reference's
         # threshold-then-sort, ties included (both prefer the lower prior index).
+        # NaN (from NaN logits) never passes the threshold; as -inf it cannot push real
+        # candidates out of the top either.
+        class_scores = jnp.where(jnp.isnan(class_scores), -jnp.inf, class_scores)
         scores, candidates = lax.top_k(class_scores, candidates_per_class)
         # Already sorted. The sweep stops after the last score above the
         # threshold, so rows computed as it goes cost less than a full matrix.

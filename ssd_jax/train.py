@@ -19,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from reference.priors import prior_boxes
+from reference.validation import check_neg_pos_ratio
 from ssd_jax import inference
 from ssd_jax.checkpoint import (checkpoint_manager, checkpoint_steps, load_meta, load_newest_intact,
                                 restore, save, set_aside)
@@ -27,7 +28,7 @@ from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
 from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
                            require_number)
-from ssd_jax.loss import check_neg_pos_ratio, multibox_loss
+from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
 from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
