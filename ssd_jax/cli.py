@@ -58,6 +58,12 @@ def main(argv=None) -> int:
 
 
 def run_detect(args: argparse.Namespace) -> int:
+    try:
+        detector = Detector.from_checkpoint(
+            args.checkpoint, step=args.step, score_threshold=args.score_threshold,
+            iou_threshold=args.iou_threshold, top_k=args.top_k, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     files, missing = list_inputs(args.inputs)
     if any(path.resolve().parent == args.out.resolve() for path in files):
         sys.exit(f"error: --out {args.out} holds input images, which annotated images of the "
@@ -66,12 +72,6 @@ def run_detect(args: argparse.Namespace) -> int:
         sys.exit(f"error: --out {args.out} already holds files ({_listing(args.out)}), which "
                  "this run's files of the same name would replace: choose a new or empty "
                  "folder, or pass --overwrite")
-    try:
-        detector = Detector.from_checkpoint(
-            args.checkpoint, step=args.step, score_threshold=args.score_threshold,
-            iou_threshold=args.iou_threshold, top_k=args.top_k, batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
     images, results, output_names = [], [], set()
     readable = _readable_images(tqdm(files, desc="detect", unit="image"))

@@ -186,5 +186,8 @@ def test_unknown_state_dicts_and_pth_without_torch_get_clear_errors(tmp_path, mo
     with pytest.raises(ValueError, match="classifier.3.bias"):
         convert.convert_state_dict(state)
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    (tmp_path / "vgg16.pth").write_bytes(b"a pickle torch would read")
     with pytest.raises(ImportError, match="needs PyTorch.*npz"):
         convert.read_state_dict(tmp_path / "vgg16.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth: no such file"):
+        convert.read_state_dict(tmp_path / "missing.pth")  # not "needs PyTorch"
