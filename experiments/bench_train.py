@@ -45,7 +45,6 @@ import jax
 import numpy as np
 
 from experiments.benchlib import cpu_threads, machine_info, print_table, time_fn
-from reference.priors import prior_boxes
 from ssd_jax.data.pipeline import pad_targets
 from ssd_jax.data.shapes import ShapesDataset
 from ssd_jax.inference import make_predict_fn
@@ -122,7 +121,7 @@ def jax_subjects(config: TrainConfig, batch: dict):
     state that inference reads, so it is built only once inference has been timed."""
     mesh = data_mesh()
     graphdef, state, train_step = init_training(config, NUM_CLASSES, mesh)
-    predict = make_predict_fn(graphdef, prior_boxes(model_config(config, NUM_CLASSES).priors))
+    predict = make_predict_fn(graphdef, model_config(config, NUM_CLASSES))
     for key, images in ("infer_1", batch["image"][:1]), ("infer_b", batch["image"]):
         compiled, compile_s = _compile(predict, state.params, state.rest, images)
         yield key, _warm(functools.partial(compiled, state.params, state.rest, images),

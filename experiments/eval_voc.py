@@ -30,23 +30,22 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from reference.priors import prior_boxes
 from ssd_jax import inference
-from ssd_jax.data import pipeline
+from ssd_jax.checkpoint import checkpoints_folder, load_model
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
+from ssd_jax.evaluation import evaluate_source, format_ap_table
 from ssd_jax.flags import non_negative_int, positive_int, show_warnings_plainly
 from ssd_jax.plots import plot_precision_recall
-from ssd_jax.train import load_trained_model
 
 METRIC_NAMES = {True: "VOC2007 11-point", False: "VOC2010+ area"}
 RESULTS_FILE = "comp4_det_test_{}.txt"
 
 
 def run_folder(checkpoint) -> Path:
-    """The training run's folder, for a run folder or its checkpoints/ folder (as
-    load_trained_model accepts either)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint if (checkpoint / "checkpoints").is_dir() else checkpoint.parent
+    """The folder that holds the checkpoints/ folder of a training run, or the converted
+    checkpoint's folder itself (load_model accepts a run folder or its checkpoints/ folder)."""
+    folder = checkpoints_folder(checkpoint)
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def image_ids(ground_truths) -> list[str]:
@@ -58,7 +57,7 @@ def write_devkit_results(detections, ground_truths, class_names, folder) -> list
     """Writes one devkit results file per class (see the module docstring for the format and
     coordinates) and returns their paths, in class order.
 
-    detections / ground_truths: one dict per image, as inference.evaluate returns them:
+    detections / ground_truths: one dict per image, as evaluation.evaluate returns them:
     detections with "boxes" [K, 4] normalized corners, "scores" [K], "labels" [K] in 1..C;
     ground truths with "image_size" (height, width) and optionally "image_id".
     """
@@ -87,7 +86,7 @@ def summary(result: dict, class_names, metric: str, dataset: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Runs the evaluation; returns inference.evaluate's dict (with the curves)."""
+    """Runs the evaluation; returns evaluation.evaluate's dict (with the curves)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -108,9 +107,10 @@ def main(argv=None) -> dict:
     show_warnings_plainly()
 
     try:
-        model, meta = load_trained_model(args.checkpoint, args.step)
+        loaded = load_model(args.checkpoint, args.step)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
+    model = loaded.model
     image_size = model.config.priors.image_size
     try:
         _, source, dataset_classes = get_sources(args.dataset, image_size=image_size,
@@ -118,18 +118,19 @@ def main(argv=None) -> dict:
                                                  data_dir=args.data_dir)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
-    class_names = meta["class_names"]
+    class_names = list(loaded.class_names)
     if list(dataset_classes) != class_names:
         sys.exit(f"error: the checkpoint was trained on the classes {class_names}, not on "
                  f"--dataset {args.dataset}'s {list(dataset_classes)}")
     use_07_metric = not args.area_metric
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    predict = inference.make_predict_fn(graphdef, prior_boxes(model.config.priors))
-    loader = pipeline.make_eval_loader(source, batch_size=args.batch_size,
-                                       max_boxes=meta["train"]["max_boxes"], image_size=image_size)
-    result = inference.evaluate(predict, params, rest, loader, len(class_names),
-                                use_07_metric=use_07_metric, return_curves=True,
-                                num_batches=-(-len(source) // args.batch_size))
+    # The checkpoint's NMS settings (its score threshold, as evaluation wants, is 0.01); the
+    # images go through the evaluation pipeline's uint8 resize.
+    predict = inference.make_predict_fn(graphdef, model.config, loaded.inference)
+    # Scoring reads each image's unpadded ground truth; the padded targets go unused.
+    result = evaluate_source(predict, params, rest, source, batch_size=args.batch_size,
+                             max_boxes=1, image_size=image_size, num_classes=len(class_names),
+                             use_07_metric=use_07_metric, return_curves=True)
 
     metric = METRIC_NAMES[use_07_metric]
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "eval"
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     report = summary(result, class_names, metric, args.dataset)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(f"{metric} AP on {len(result['detections'])} {args.dataset} images")
-    print(inference.format_ap_table(result, class_names))
+    print(format_ap_table(result, class_names))
     print(f"wrote {out}/: {RESULTS_FILE.format('<class>')}, pr_curves.png, eval.json")
     return result
 

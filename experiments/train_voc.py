@@ -7,10 +7,10 @@ flag that overrides it. Run with --help for the list.
 import argparse
 import sys
 
-from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
 from ssd_jax.checkpoint import DamagedCheckpointError
+from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
+from ssd_jax.evaluation import format_ap_table
 from ssd_jax.flags import ConfigError, add_config_flags, config_from_args, usage_error
-from ssd_jax.inference import format_ap_table
 from ssd_jax.sharding import check_batch_size, data_mesh
 from ssd_jax.train import RunMismatchError, TrainConfig, model_config, train
 

@@ -51,7 +51,7 @@ def nms(boxes, scores, iou_threshold: float) -> np.ndarray:
 
 
 def check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
-                        pre_nms_top_k, *, batch_dims: int = 0):
+                        pre_nms_top_k, *, batch_dims: int = 0, level_sizes=None):
     """Validates `detect` arguments (with `batch_dims` leading dims on loc and conf_logits).
 
     Returns (loc, conf_logits, priors) as NumPy arrays.
@@ -65,18 +65,27 @@ def check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold
                          f"class), got shape {conf_logits.shape}")
     check_threshold(score_threshold, "score_threshold")
     check_threshold(iou_threshold, "iou_threshold")
-    check_positive_int(top_k, "top_k")
-    check_positive_int(pre_nms_top_k, "pre_nms_top_k")
+    for value, name in ((top_k, "top_k"), (pre_nms_top_k, "pre_nms_top_k")):
+        if value is not None:
+            check_positive_int(value, name)
+    if level_sizes is not None and (sum(level_sizes) != len(priors) or min(level_sizes) < 1):
+        raise ValueError(f"level_sizes {tuple(level_sizes)} must be positive prior counts "
+                         f"adding up to the {len(priors)} priors")
     return loc, conf_logits, priors
 
 
 def detect(loc, conf_logits, priors, score_threshold: float = 0.01, iou_threshold: float = 0.45,
-           top_k: int = 200, pre_nms_top_k: int = 400):
+           top_k: int | None = 200, pre_nms_top_k: int | None = 400, *, clip_boxes: bool = True,
+           level_sizes=None, drop_empty_boxes: bool = False):
     """Final detections of one image from the raw SSD outputs.
 
-    For every object class c in 1..C: take the priors whose softmax score for c
-    is above `score_threshold`, keep the `pre_nms_top_k` best, and run `nms` on
-    their decoded boxes. Then keep the `top_k` best detections over all classes.
+    Softmax scores; decoded boxes, clipped to the image if `clip_boxes`. Then the NMS
+    candidates: by default, for every object class c in 1..C, the priors whose score for c is
+    above `score_threshold`, the `pre_nms_top_k` best of them. With `level_sizes` (the priors
+    of each feature map, in order), mmdetection's rule instead: on each map, the
+    `pre_nms_top_k` best (prior, class) pairs scoring above the threshold. Candidates whose box
+    has zero width or height are dropped if `drop_empty_boxes`. Then `nms` per class, and the
+    `top_k` best detections over all classes.
 
     Args:
       loc: [P, 4] predicted offsets (encoded as in `reference.encoding.encode`).
@@ -84,26 +93,37 @@ def detect(loc, conf_logits, priors, score_threshold: float = 0.01, iou_threshol
       priors: [P, 4] center form (cx, cy, w, h).
       score_threshold: a detection needs a score strictly above it.
       iou_threshold: NMS threshold (same class only).
-      top_k: most detections returned.
-      pre_nms_top_k: most candidates per class entering NMS.
+      top_k: most detections returned; None: all that NMS keeps.
+      pre_nms_top_k: most candidates per class (per map with `level_sizes`); None: no cap.
+      clip_boxes: clip the decoded boxes to [0, 1] before NMS.
+      level_sizes: None, or the number of priors of each feature map (adding up to P).
+      drop_empty_boxes: drop candidates of zero width or height before NMS.
 
     Returns:
-      boxes: [K, 4] float64 corners clipped to [0, 1], K <= top_k.
+      boxes: [K, 4] float64 corners (clipped to [0, 1] if `clip_boxes`).
       scores: [K] float64 softmax scores, descending. Ties: lower class first, then
         lower prior index.
       labels: [K] int64 classes in 1..C.
     """
     loc, conf_logits, priors = check_detect_inputs(
-        loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k)
+        loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k,
+        level_sizes=level_sizes)
     probs = np.exp(log_softmax(conf_logits.astype(np.float64)))
-    boxes = np.clip(decode(loc, priors), 0.0, 1.0)
+    boxes = decode(loc, priors)
+    if clip_boxes:
+        boxes = np.clip(boxes, 0.0, 1.0)
+    if level_sizes is None:
+        candidates = _best_per_class(probs, score_threshold, pre_nms_top_k)
+    else:
+        candidates = _best_per_level(probs, score_threshold, pre_nms_top_k, level_sizes)
 
     detections = []  # (score, class, prior index)
-    for c in range(1, probs.shape[1]):
-        candidates = np.flatnonzero(probs[:, c] > score_threshold)
-        best_first = np.argsort(-probs[candidates, c], kind="stable")
-        candidates = candidates[best_first[:pre_nms_top_k]]
-        kept = candidates[nms(boxes[candidates], probs[candidates, c], iou_threshold)]
+    for c, priors_of_class in enumerate(candidates, 1):
+        if drop_empty_boxes:
+            box = boxes[priors_of_class]
+            priors_of_class = priors_of_class[(box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])]
+        kept = priors_of_class[nms(boxes[priors_of_class], probs[priors_of_class, c],
+                                   iou_threshold)]
         detections.extend((probs[i, c], c, i) for i in kept)
 
     detections.sort(key=lambda d: (-d[0], d[1], d[2]))
@@ -113,3 +133,30 @@ def detect(loc, conf_logits, priors, score_threshold: float = 0.01, iou_threshol
             np.array([s for s, _, _ in detections], dtype=probs.dtype),
             np.array([c for _, c, _ in detections], dtype=np.int64))
 
+
+def _best_per_class(probs, score_threshold, pre_nms_top_k) -> list[np.ndarray]:
+    """For each class 1..C, its `pre_nms_top_k` best priors scoring above the threshold
+    (equal scores: lower prior first), as sorted prior indices."""
+    candidates = []
+    for c in range(1, probs.shape[1]):
+        confident = np.flatnonzero(probs[:, c] > score_threshold)
+        best_first = np.argsort(-probs[confident, c], kind="stable")
+        candidates.append(np.sort(confident[best_first[:pre_nms_top_k]]))
+    return candidates
+
+
+def _best_per_level(probs, score_threshold, pre_nms_top_k, level_sizes) -> list[np.ndarray]:
+    """mmdetection's candidates: on each feature map, the `pre_nms_top_k` best (prior, class)
+    pairs scoring above the threshold (equal scores: lower prior, then lower class first).
+    Returns, for each class 1..C, its sorted prior indices."""
+    num_classes = probs.shape[1] - 1
+    chosen = [[] for _ in range(num_classes)]
+    start = 0
+    for size in level_sizes:
+        scores = probs[start:start + size, 1:].ravel()  # prior-major (prior, class) pairs
+        confident = np.flatnonzero(scores > score_threshold)
+        best_first = confident[np.argsort(-scores[confident], kind="stable")][:pre_nms_top_k]
+        for pair in best_first:
+            chosen[pair % num_classes].append(start + pair // num_classes)
+        start += size
+    return [np.sort(np.asarray(c, dtype=np.int64)) for c in chosen]

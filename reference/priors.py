@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+PRIOR_CLIP_MODES = ("none", "corners", "wh", "center_form")
+
 
 @dataclasses.dataclass(frozen=True)
 class PriorConfig:
@@ -26,7 +28,10 @@ class PriorConfig:
         sqrt(min_size * max_size).
       aspect_ratios: per map, the ratios r > 1 used besides 1; each gives a box
         of ratio r and one of ratio 1/r.
-      clip: clip every prior's corners to the image (off in the Caffe release).
+      clip: how priors are kept inside the image, one of `PRIOR_CLIP_MODES`:
+        "none" (the Caffe release, mmdetection), "corners" (clip each prior's corners to
+        [0, 1]), "wh" (clamp w and h to [0, 1], centres untouched: torchvision) or
+        "center_form" (clamp all four of cx, cy, w, h to [0, 1]: ssd.pytorch, lufficc/SSD).
     """
 
     image_size: int
@@ -35,9 +40,12 @@ class PriorConfig:
     min_sizes: tuple[float, ...]
     max_sizes: tuple[float, ...]
     aspect_ratios: tuple[tuple[float, ...], ...]
-    clip: bool = False
+    clip: str = "none"
 
     def __post_init__(self):
+        if self.clip not in PRIOR_CLIP_MODES:
+            raise ValueError(f"PriorConfig.clip must be one of {PRIOR_CLIP_MODES}, "
+                             f"got {self.clip!r}")
         fields = ("steps", "min_sizes", "max_sizes", "aspect_ratios")
         for field in fields:
             if len(getattr(self, field)) != len(self.feature_map_sizes):
@@ -59,7 +67,7 @@ class PriorConfig:
 
     @classmethod
     def from_paper(cls, image_size, feature_map_sizes, aspect_ratios,
-                   s_min=0.2, s_max=0.9, clip=False):
+                   s_min=0.2, s_max=0.9, clip="none"):
         """Scales from the paper's formula (eq. 4):
 
             s_k = s_min + (s_max - s_min) / (m - 1) * (k - 1),   k in [1, m]
@@ -134,16 +142,27 @@ def prior_boxes(config: PriorConfig) -> np.ndarray:
             for j in range(f):
                 cx, cy = (j + 0.5) * step, (i + 0.5) * step
                 priors.extend((cx, cy, w, h) for w, h in sizes)
-    priors = np.asarray(priors, dtype=np.float64)
-    if config.clip:
-        priors = _clip_center_boxes(priors)
+    priors = clip_priors(np.asarray(priors, dtype=np.float64), config.clip)
     return priors.astype(np.float32)
 
 
-def _clip_center_boxes(boxes):
-    # Clip the corners, not the center-form numbers: clipping w directly would
-    # shift boxes that hang over the border.
-    half = boxes[:, 2:] / 2
-    lo = np.clip(boxes[:, :2] - half, 0.0, 1.0)
-    hi = np.clip(boxes[:, :2] + half, 0.0, 1.0)
-    return np.concatenate([(lo + hi) / 2, hi - lo], axis=1)
+def clip_priors(boxes: np.ndarray, mode: str) -> np.ndarray:
+    """Center-form priors [P, 4] kept inside the image as `mode` says (see `PriorConfig.clip`).
+
+    "corners" clips the corners, which keeps a box hanging over the border where it is;
+    the peers' "wh" and "center_form" clamp the center-form numbers themselves, which
+    shrinks such a box around its centre (and, for "center_form", moves a centre beyond
+    the image back onto its edge).
+    """
+    if mode == "none":
+        return boxes
+    if mode == "wh":
+        return np.concatenate([boxes[:, :2], np.clip(boxes[:, 2:], 0.0, 1.0)], axis=1)
+    if mode == "center_form":
+        return np.clip(boxes, 0.0, 1.0)
+    if mode == "corners":
+        half = boxes[:, 2:] / 2
+        lo = np.clip(boxes[:, :2] - half, 0.0, 1.0)
+        hi = np.clip(boxes[:, :2] + half, 0.0, 1.0)
+        return np.concatenate([(lo + hi) / 2, hi - lo], axis=1)
+    raise ValueError(f"prior clip mode must be one of {PRIOR_CLIP_MODES}, got {mode!r}")

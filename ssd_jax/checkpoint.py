@@ -1,5 +1,8 @@
-"""Checkpoints with orbax: the train state plus a JSON record of the model config
-and class names, so a checkpoint alone is enough to rebuild the detector.
+"""Checkpoints with orbax: the weights (a training run's whole train state) plus a JSON
+record of everything that defines the detector (`checkpoint_meta`), so that a checkpoint
+alone rebuilds it (`load_model`). Loading needs nothing of the training stack.
+
+A checkpoint directory holds orbax step folders <step>/state (arrays) and <step>/meta (JSON).
 
 A step folder that cannot be read back (a file deleted or cut short) or that holds
 non-finite numbers is damaged. Loading the latest checkpoint skips damaged steps for the
@@ -7,6 +10,7 @@ newest intact one and says so (`load_newest_intact`); loading a given step raise
 `DamagedCheckpointError` naming it.
 """
 import contextlib
+import dataclasses
 import gc
 import json
 import shutil
@@ -17,6 +21,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from reference.priors import PriorConfig
+from ssd_jax.inference import InferenceConfig
+from ssd_jax.model import SSD, Conv, MaxPool, ModelConfig, get_config
 
 
 class DamagedCheckpointError(ValueError):
@@ -142,3 +151,204 @@ def set_aside(directory, step: int) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(directory / str(step), target)
     return target
+
+
+# --- What a checkpoint records, and rebuilding its model from that record alone. ---
+
+# Version 2 records the whole ModelConfig, the label space and the inference settings.
+# Version 1 (no "format_version"): the training config plus pixel statistics.
+META_FORMAT_VERSION = 2
+LAYER_TYPES = {"conv": Conv, "max_pool": MaxPool}
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    """A ModelConfig as JSON-ready values; `model_config_from_dict` gives it back."""
+    def layer(value):
+        kind = next(name for name, cls in LAYER_TYPES.items() if isinstance(value, cls))
+        return {"type": kind, **dataclasses.asdict(value)}
+
+    fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    fields.update(priors=dataclasses.asdict(config.priors),
+                  backbone=[layer(value) for value in config.backbone],
+                  extras=[layer(value) for value in config.extras])
+    return json.loads(json.dumps(fields))  # tuples -> lists, as stored
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def model_config_from_dict(fields: dict) -> ModelConfig:
+    """The ModelConfig of `model_config_to_dict`'s record (ValueError if it is not one)."""
+    def layer(record):
+        record = dict(record)
+        kind = record.pop("type", None)
+        if kind not in LAYER_TYPES:
+            raise ValueError(f"unknown layer type {kind!r} (known: {sorted(LAYER_TYPES)})")
+        return LAYER_TYPES[kind](**record)
+
+    fields = {key: _tuples(value) for key, value in fields.items()}
+    fields.update(priors=PriorConfig(**{k: _tuples(v) for k, v in fields["priors"].items()}),
+                  backbone=tuple(layer(r) for r in fields["backbone"]),
+                  extras=tuple(layer(r) for r in fields["extras"]))
+    return ModelConfig(**fields)
+
+
+def checkpoint_meta(model_config: ModelConfig, class_names, *, label_ids=None,
+                    inference: InferenceConfig = InferenceConfig(), train: dict | None = None,
+                    source: dict | None = None) -> dict:
+    """The JSON record saved beside a checkpoint's weights: everything that defines the
+    detector, so that it is rebuilt from the checkpoint alone, never from code defaults.
+
+    Args:
+      model_config: the network, default boxes and pixel statistics.
+      class_names: C names, of classes 1..C.
+      label_ids: C ints, the label each class has in the checkpoint's own label space (e.g. a
+        torchvision COCO model's category ids); default 1..C.
+      inference: how the detector turns outputs into detections.
+      train: the training config (`dataclasses.asdict(TrainConfig)`) of a training run.
+      source: where converted weights came from, e.g. {"format": "torchvision", "file": ...}.
+    """
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != model_config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model of "
+                         f"{model_config.num_classes} classes")
+    label_ids = list(range(1, len(class_names) + 1)) if label_ids is None else list(label_ids)
+    if len(label_ids) != len(class_names) or len(set(label_ids)) != len(label_ids):
+        raise ValueError(f"label_ids must be {len(class_names)} distinct ints, got {label_ids}")
+    meta = dict(format_version=META_FORMAT_VERSION, model=model_config_to_dict(model_config),
+                class_names=class_names, label_ids=[int(i) for i in label_ids],
+                inference=dataclasses.asdict(inference))
+    if train is not None:
+        meta["train"] = json.loads(json.dumps(train))
+    if source is not None:
+        meta["source"] = source
+    return meta
+
+
+def _model_config_of_v1(meta: dict) -> ModelConfig:
+    """Version 1 records only the training config: the model is that of its preset (the only
+    place its geometry can come from), with the stored pixel statistics."""
+    train = meta["train"]
+    overrides = dict(num_classes=len(meta["class_names"]), dtype=train.get("dtype", "float32"),
+                     pixel_mean=tuple(meta["pixel_mean"]), pixel_std=tuple(meta["pixel_std"]))
+    if train.get("image_size"):
+        overrides["image_size"] = train["image_size"]
+    return get_config(train["model"], **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's detector, rebuilt from its record (see `load_model`).
+
+    Attributes:
+      model: the `ssd_jax.model.SSD` with the stored weights.
+      config: its ModelConfig, as stored.
+      class_names: C names, of classes 1..C.
+      label_ids: C ints, each class's label in the checkpoint's own label space.
+      inference: the stored inference settings.
+      meta: the whole JSON record (e.g. meta["train"] for a training run).
+      step: the step loaded.
+    """
+
+    model: SSD
+    config: ModelConfig
+    class_names: tuple[str, ...]
+    label_ids: tuple[int, ...]
+    inference: InferenceConfig
+    meta: dict
+    step: int
+
+
+def checkpoints_folder(directory) -> Path:
+    """A run's checkpoints/ folder for a run folder, else `directory` itself."""
+    directory = Path(directory)
+    return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+
+
+def load_model(directory, step: int | None = None) -> LoadedModel:
+    """Rebuilds the detector of a checkpoint directory: a training run's folder (or its
+    checkpoints/ folder) or the output of `experiments.convert_ssd`.
+
+    The model is built from the stored ModelConfig (version 1 records: from the stored training
+    preset) and only its weights are read (not a training run's optimizer state). `step`
+    defaults to the newest intact step (damaged newer steps are skipped with a
+    DamagedCheckpointWarning). Raises FileNotFoundError if there is no checkpoint,
+    DamagedCheckpointError if the step (or every step) is damaged, ValueError if the record is
+    not one this version understands or its geometry does not fit the stored weights (naming
+    the first array that differs).
+    """
+    directory = checkpoints_folder(directory)
+    return load_newest_intact(directory, lambda step: _load_model_step(directory, step), step)
+
+
+def _load_model_step(directory: Path, step: int) -> LoadedModel:
+    meta = load_meta(directory, step)
+    try:
+        if "format_version" not in meta:
+            config, label_ids, settings = _model_config_of_v1(meta), None, InferenceConfig()
+        elif meta["format_version"] == META_FORMAT_VERSION:
+            config = model_config_from_dict(meta["model"])
+            label_ids, settings = meta["label_ids"], InferenceConfig.from_dict(meta["inference"])
+        else:
+            raise ValueError(f"{directory} is not a checkpoint this version of ssd_jax can "
+                             f"load (record format {meta['format_version']}; this version "
+                             f"reads up to {META_FORMAT_VERSION})")
+        class_names = meta["class_names"]
+        # Normalizes and checks the label space against the class names.
+        label_ids = checkpoint_meta(config, class_names, label_ids=label_ids)["label_ids"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{directory} is not a checkpoint this version of ssd_jax can load "
+                         f"({type(error).__name__}: {error})") from error
+    abstract = nnx.eval_shape(lambda: SSD(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    state_path = directory / str(step) / "state"
+    with reading(directory, step):
+        stored = ocp.PyTreeCheckpointer().metadata(state_path).item_metadata.tree
+    _check_stored_shapes(state_path, stored, {"params": params, "rest": rest})
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
+              "rest": jax.tree.map(ocp.utils.to_shape_dtype_struct, rest)}
+    with reading(directory, step):
+        restored = ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    check_finite(restored, directory, step)
+    model = nnx.merge(graphdef, restored["params"], restored["rest"])
+    return LoadedModel(model=model, config=config, class_names=tuple(class_names),
+                       label_ids=tuple(label_ids), inference=settings, meta=meta, step=step)
+
+
+def _leaf_shapes(tree, prefix: tuple = ()) -> dict[str, tuple]:
+    """{"loc/conv4_3/kernel": shape} of a nested mapping of arrays (orbax metadata or an
+    nnx.State; a Variable's "value" level is not part of the name)."""
+    if hasattr(tree, "shape"):
+        return {"/".join(prefix): tuple(tree.shape)}
+    shapes = {}
+    for key, value in tree.items():
+        shapes.update(_leaf_shapes(value, prefix if key == "value" else prefix + (str(key),)))
+    return shapes
+
+
+def _check_stored_shapes(state_path: Path, stored, expected: dict) -> None:
+    """Raises ValueError naming the first array whose stored shape (`stored`: the step's orbax
+    metadata tree) the model lacks or differs."""
+    stored = _leaf_shapes({key: stored[key] for key in expected if key in stored})
+    for name, shape in _leaf_shapes(expected).items():
+        if stored.get(name) != shape:
+            found = "is missing" if name not in stored else f"has shape {stored[name]}"
+            raise ValueError(
+                f"{state_path.parent}: the stored model config does not fit the stored "
+                f"weights: {name} {found}, the config's geometry gives {shape} (was the "
+                "record edited, or written for other weights?)")
+
+
+def save_model(directory, model: SSD, class_names, *, step: int = 0, **meta_fields) -> Path:
+    """Writes `model`'s weights and record as a checkpoint directory `load_model` reads (no
+    optimizer state); `meta_fields` are `checkpoint_meta`'s keyword arguments."""
+    meta = checkpoint_meta(model.config, class_names, **meta_fields)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    manager = checkpoint_manager(directory)
+    save(manager, step, {"params": params, "rest": rest}, meta)
+    manager.wait_until_finished()
+    manager.close()
+    return Path(directory)

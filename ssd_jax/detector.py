@@ -4,12 +4,15 @@
     result = detector("photo.jpg")        # one image in, one dict out
     results = detector(["a.png", image])  # a list in, a list out
 
-Each image is resized (`reference.augment.resize`, bilinear, as the training pipeline does) to the model's square input on
-the host; the forward pass, `nms.detect` and the scaling of the boxes back to the original
-image's pixels run on the device as one jitted function. Images go through it in chunks of
-exactly `batch_size` (the last chunk padded), so images of any mix of sizes compile it once.
+Each image is resized on the host to the model's square input, the way the checkpoint's
+inference settings say (`reference.resize`: by default the training pipeline's bilinear uint8
+resize; a converted peer's own resize); the forward pass, `nms.detect` and the scaling of the
+boxes back to the original image's pixels run on the device as one jitted function. Images go
+through it in chunks of exactly `batch_size` (the last chunk padded), so images of any mix of
+sizes compile it once.
 """
 import colorsys
+import dataclasses
 import os
 
 import jax
@@ -18,48 +21,46 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
-from reference.augment import resize
-from reference.priors import prior_boxes
-from reference.validation import check_positive_int, check_threshold
+from reference.resize import resize_image
+from reference.validation import check_positive_int
 from ssd_jax import inference
+from ssd_jax.checkpoint import load_model
 from ssd_jax.data.images import decode_image, read_image, to_rgb
+from ssd_jax.inference import InferenceConfig
 from ssd_jax.model import SSD
-from ssd_jax.train import load_trained_model
-
-# Shows what the model is fairly sure of without hiding many true objects. mAP evaluation uses
-# 0.01 instead (the paper's section 3.7): average precision rewards every extra true positive.
-DEFAULT_SCORE_THRESHOLD = 0.3
 
 
 class Detector:
     """A trained SSD as a function from images to detections.
 
     Calling it with one image (a file path, image file bytes, a PIL image of any mode or a uint8
-    array [H, W, 3]; grayscale [H, W] and RGBA [H, W, 4] are converted to RGB) returns one dict; a list of images (or a
-    uint8 array [N, H, W, 3]) returns a list of dicts, in order:
+    array [H, W, 3]; grayscale [H, W] and RGBA [H, W, 4] are converted to RGB) returns one dict;
+    a list of images (or a uint8 array [N, H, W, 3]) returns a list of dicts, in order:
 
       boxes: [K, 4] float32 corners (xmin, ymin, xmax, ymax) in pixels of the ORIGINAL image
-        (0 <= x <= width, 0 <= y <= height).
-      scores: [K] float32 class probabilities above `score_threshold`, descending.
-      labels: [K] int32 classes in 1..C.
+        (within it when the settings clip boxes).
+      scores: [K] float32 class probabilities above the score threshold, descending.
+      labels: [K] int32 labels in the checkpoint's own label space (`label_ids`; 1..C unless
+        the checkpoint says otherwise, e.g. COCO category ids for torchvision's COCO model).
       class_names: [K] list of str, the name of each label.
 
     Bad input (an unreadable file, a float or wrongly shaped array) raises ValueError naming it.
     """
 
-    def __init__(self, model, class_names, *, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-                 iou_threshold: float = 0.45, top_k: int = 200, batch_size: int = 8):
+    def __init__(self, model, class_names, settings: InferenceConfig = InferenceConfig(), *,
+                 label_ids=None, batch_size: int = 8, **setting_overrides):
         """Wraps an in-memory model.
 
         Args:
           model: an `ssd_jax.model.SSD`.
-          class_names: C names, of labels 1..C.
-          score_threshold: a detection needs a class probability above it (default 0.3: what the
-            model is fairly sure of; mAP evaluation uses 0.01).
-          iou_threshold: per-class NMS overlap above which the lower-scored box is dropped.
-          top_k: most detections per image.
+          class_names: C names, of classes 1..C.
+          settings: how outputs become detections (`inference.InferenceConfig`; by default
+            the paper's: score threshold 0.01, as mAP evaluation wants, which shows many
+            unsure boxes: pass score_threshold=0.3 to see what the model is fairly sure of).
+          label_ids: C ints, the label each class is reported as (default 1..C).
           batch_size: images per compiled call; more uses the accelerator better, and costs
             padding when fewer images are given.
+          setting_overrides: fields of `settings` to replace, e.g. score_threshold=0.3.
         """
         if not isinstance(model, SSD):
             raise ValueError(f"model must be an ssd_jax.model.SSD (or use "
@@ -68,36 +69,45 @@ class Detector:
             raise ValueError(f"the model has {model.config.num_classes} classes but "
                              f"{len(class_names)} class names were given")
         self.class_names = list(class_names)
+        self.label_ids = np.arange(1, len(class_names) + 1, dtype=np.int32) if label_ids is None \
+            else np.asarray(label_ids, np.int32)
+        if self.label_ids.shape != (len(class_names),):
+            raise ValueError(f"label_ids must hold {len(class_names)} labels, one per class, "
+                             f"got {len(self.label_ids)}")
+        try:
+            self.settings = dataclasses.replace(settings, **setting_overrides)
+        except TypeError as error:  # an unknown keyword
+            raise ValueError(f"unknown inference setting: {error}") from None
         self.image_size = model.config.priors.image_size
         self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.score_threshold = check_threshold(score_threshold, "score_threshold")
-        self.iou_threshold = check_threshold(iou_threshold, "iou_threshold")
-        self.top_k = check_positive_int(top_k, "top_k")
         graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
-        predict = inference.make_predict_fn(
-            graphdef, prior_boxes(model.config.priors), score_threshold=self.score_threshold,
-            iou_threshold=self.iou_threshold, top_k=self.top_k)
+        predict = inference.make_predict_fn(graphdef, model.config, self.settings)
 
         @jax.jit
         def forward(params, rest, images, sizes):
-            """images uint8 [B, S, S, 3], sizes float32 [B, 2] original (width, height)."""
+            """images [B, S, S, 3], sizes float32 [B, 2] original (width, height)."""
             outputs = predict(params, rest, images)
             return dict(outputs, boxes=outputs["boxes"] * jnp.tile(sizes, 2)[:, None, :])
 
         self._forward = forward
 
+    @property
+    def score_threshold(self) -> float:
+        return self.settings.score_threshold
+
     @classmethod
-    def from_checkpoint(cls, path, *, step: int | None = None, **options) -> "Detector":
-        """The detector of a training run: `path` is its workdir or checkpoints/ folder, `step`
-        defaults to the latest; class names come from the checkpoint. `options` are the keyword
-        arguments of `Detector(...)`. Raises FileNotFoundError if there is no checkpoint and
+    def from_checkpoint(cls, path, *, step: int | None = None, batch_size: int = 8,
+                        **setting_overrides) -> "Detector":
+        """The detector of a checkpoint: a training run's folder (or its checkpoints/ folder) or
+        a converted peer's (`experiments.convert_ssd`); `step` defaults to the newest intact one
+        (damaged newer steps are skipped with a warning). Class
+        names, label space and inference settings come from the checkpoint, so a converted
+        checkpoint gives its peer's own detections; `setting_overrides` replace settings (e.g.
+        score_threshold=0.3). Raises FileNotFoundError if there is no checkpoint and
         ValueError if the checkpoint is not one ssd_jax can load."""
-        try:
-            model, meta = load_trained_model(path, step)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} is not a checkpoint this version of ssd_jax can load "
-                             f"({type(error).__name__}: {error})") from error
-        return cls(model, meta["class_names"], **options)
+        loaded = load_model(path, step)
+        return cls(loaded.model, loaded.class_names, loaded.inference,
+                   label_ids=loaded.label_ids, batch_size=batch_size, **setting_overrides)
 
     def __call__(self, images):
         if _is_single_image(images):
@@ -118,10 +128,11 @@ class Detector:
 
     def _run_chunk(self, chunk: list[np.ndarray]) -> dict:
         size = self.image_size
-        images = np.zeros((self.batch_size, size, size, 3), np.uint8)  # padding stays black
+        dtype = np.float32 if self.settings.resize == "float" else np.uint8
+        images = np.zeros((self.batch_size, size, size, 3), dtype)  # padding stays black
         sizes = np.ones((self.batch_size, 2), np.float32)
         for i, image in enumerate(chunk):
-            images[i] = resize(image, size)
+            images[i] = resize_image(image, size, self.settings.resize)
             sizes[i] = image.shape[1], image.shape[0]
         return self._forward(self._params, self._rest, images, sizes)
 
@@ -129,8 +140,9 @@ class Detector:
         keep = np.arange(self.batch_size) < count
         detections = inference.unbatch_detections(outputs, keep)
         for detection in detections:
-            detection["class_names"] = [self.class_names[label - 1]
-                                        for label in detection["labels"]]
+            classes = detection["labels"] - 1
+            detection["labels"] = self.label_ids[classes]
+            detection["class_names"] = [self.class_names[c] for c in classes]
         return detections
 
 

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from reference.priors import prior_boxes
 from reference.validation import check_neg_pos_ratio
 from ssd_jax import inference
-from ssd_jax.checkpoint import (checkpoint_manager, checkpoint_steps, load_meta, load_newest_intact,
-                                restore, save, set_aside)
+from ssd_jax.checkpoint import (checkpoint_manager, checkpoint_meta, checkpoint_steps, load_meta,
+                                load_newest_intact, restore, save, set_aside)
 from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
+from ssd_jax.evaluation import evaluate_source
 from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
                            require_number)
 from ssd_jax.loss import multibox_loss
@@ -79,8 +80,9 @@ class TrainConfig:
     def __post_init__(self):
         """Rejects every field value a run cannot use (ConfigError, a ValueError naming it)."""
         for field in ("dataset", "model", "workdir"):
-            if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                raise ConfigError(field, f"must be a non-empty string, got {getattr(self, field)!r}")
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(field, f"must be a non-empty string, got {value!r}")
         require_choice(self, "model", CONFIGS)
         require_choice(self, "dtype", DTYPES)
         require_choice(self, "optimizer", OPTIMIZERS)
@@ -271,14 +273,6 @@ def _check_finite_steps(host_metrics: list[dict]) -> None:
                 "--grad-clip-norm, then rerun to resume from the last checkpoint")
 
 
-def checkpoint_meta(config: TrainConfig, class_names, model_config: ModelConfig) -> dict:
-    """The JSON saved beside the state: enough to rebuild the model without the data.
-    Pixel statistics are kept because the backbone weight file that set them may be
-    gone when the checkpoint is used."""
-    return dict(class_names=list(class_names), train=dataclasses.asdict(config),
-                pixel_mean=model_config.pixel_mean, pixel_std=model_config.pixel_std)
-
-
 # What may change when a run resumes: how long it goes on, how its schedule continues (a lower
 # learning rate after a divergence), how often it logs, saves and evaluates, where it reads.
 # Anything else (the model, optimizer, batch size, data, ...) makes another run.
@@ -297,8 +291,8 @@ def check_same_run(meta: dict, config: TrainConfig, class_names, directory) -> N
     checkpoint record `meta`) differs from `config` beyond RESUMABLE_FIELDS, or its classes;
     prints a note for each resumable field that changed."""
     if "train" not in meta:
-        raise RunMismatchError(f"{directory} holds a checkpoint that is not an ssd_jax training run's "
-                         "(no training config in its record): use another --workdir")
+        raise RunMismatchError(f"{directory} holds a checkpoint that is not an ssd_jax training "
+                               "run's (no training config in its record): use another --workdir")
     saved = {key: tuple(v) if isinstance(v, list) else v for key, v in meta["train"].items()}
     current = dataclasses.asdict(config)
     changed = {key: (saved[key], current[key]) for key in saved.keys() & current.keys()
@@ -308,9 +302,9 @@ def check_same_run(meta: dict, config: TrainConfig, class_names, directory) -> N
     if list(meta.get("class_names", class_names)) != list(class_names):
         differing.append(f"classes {meta['class_names']} there, {list(class_names)} here")
     if differing:
-        raise RunMismatchError(f"{directory} holds a different run ({'; '.join(differing)}): use "
-                         "another --workdir, pass that run's values to resume it, or delete "
-                         "the folder to start over")
+        raise RunMismatchError(f"{directory} holds a different run ({'; '.join(differing)}): "
+                               "use another --workdir, pass that run's values to resume it, or "
+                               "delete the folder to start over")
     for key in sorted(changed.keys() & RESUMABLE_FIELDS - {"workdir"}):
         tqdm.write(f"note: resuming with {flag_name(key)} {changed[key][1]} "
                    f"(the run used {changed[key][0]})")
@@ -329,7 +323,8 @@ def resume(directory: Path, state: TrainState, config: TrainConfig, class_names)
     restored = load_newest_intact(directory, load_step)
     for step in checkpoint_steps(directory):
         if step > int(restored.step):
-            tqdm.write(f"note: moved damaged checkpoint step {step} to {set_aside(directory, step)}")
+            moved_to = set_aside(directory, step)
+            tqdm.write(f"note: moved damaged checkpoint step {step} to {moved_to}")
     return restored
 
 
@@ -368,7 +363,7 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
                           f"checkpoint in {workdir}: raise it to train on, or use another "
                           "--workdir")
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    meta = checkpoint_meta(config, class_names, run_model_config)
+    meta = checkpoint_meta(run_model_config, class_names, train=dataclasses.asdict(config))
     transform = (ssd_train_transform(image_size, mean=run_model_config.pixel_mean)
                  if config.augment else None)
     loader = pipeline.make_train_loader(
@@ -376,11 +371,13 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step,
         shard=(jax.process_index(), jax.process_count()))
-    predict = inference.make_predict_fn(graphdef, prior_boxes(run_model_config.priors))
+    predict = inference.make_predict_fn(graphdef, run_model_config)
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 
     def run_eval(step):
-        result = evaluate_source(predict, state, eval_source, config, image_size, len(class_names))
+        result = evaluate_source(predict, state.params, state.rest, eval_source,
+                                 batch_size=config.batch_size, max_boxes=config.max_boxes,
+                                 image_size=image_size, num_classes=len(class_names))
         if not any(r["step"] == step and "map" in r for r in log.records):  # a finished run's rerun
             log.write({"step": step, "map": result["map"]})
         return result
@@ -420,47 +417,3 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
     (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return result
-
-
-def evaluate_source(predict, state, source, config: TrainConfig, image_size: int,
-                    num_classes: int) -> dict:
-    loader = pipeline.make_eval_loader(source, batch_size=config.batch_size,
-                                       max_boxes=config.max_boxes, image_size=image_size)
-    return inference.evaluate(predict, state.params, state.rest, loader, num_classes,
-                              num_batches=-(-len(source) // config.batch_size))
-
-
-def config_from_meta(meta: dict) -> TrainConfig:
-    if not isinstance(meta.get("train"), dict):
-        raise ValueError("its record holds no training config: not a checkpoint of an ssd_jax "
-                         "training run")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["train"].items()}
-    return TrainConfig(**fields)
-
-
-def load_trained_model(directory, step: int | None = None):
-    """Rebuilds the model of a training run's checkpoint directory.
-
-    `directory` is a run's workdir or its checkpoints/ folder; `step` defaults to the newest
-    intact step (`checkpoint.load_newest_intact`: damaged newer steps are skipped with a
-    warning). Returns (model, meta); meta holds the class names and the training config.
-    """
-    if (Path(directory) / "checkpoints").is_dir():
-        directory = Path(directory) / "checkpoints"
-    manager = checkpoint_manager(directory, read_only=True)
-
-    def load_step(step):
-        meta = load_meta(directory, step)
-        config = config_from_meta(meta)
-        tx = make_optimizer(config)
-
-        def new_model():
-            return build_model(config, len(meta["class_names"]), pixel_mean=tuple(
-                meta["pixel_mean"]), pixel_std=tuple(meta["pixel_std"]))
-
-        target = jax.eval_shape(lambda: create_train_state(new_model(), tx)[1])
-        state, _ = restore(manager, target, step)
-        graphdef = nnx.graphdef(nnx.eval_shape(new_model))
-        return nnx.merge(graphdef, state.params, state.rest), meta
-
-    return load_newest_intact(directory, load_step, step)

@@ -11,8 +11,7 @@ from pycocotools.coco import COCO
 
 from reference.augment import resize
 from ssd_jax import Detector
-from ssd_jax import train as train_lib
-from ssd_jax.checkpoint import checkpoint_manager, save
+from ssd_jax.checkpoint import checkpoint_manager, load_model, save
 from ssd_jax.cli import main
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset
 from tests.helpers import write_untrained_checkpoint
@@ -115,11 +114,14 @@ def test_bad_input_is_a_value_error_naming_it(detector, tmp_path):
 
 
 def test_bad_settings_are_value_errors(checkpoint):
-    model, meta = train_lib.load_trained_model(checkpoint)
+    loaded = load_model(checkpoint)
+    model, class_names = loaded.model, loaded.class_names
     with pytest.raises(ValueError, match="score_threshold"):
-        Detector(model, meta["class_names"], score_threshold=1.5)
+        Detector(model, class_names, score_threshold=1.5)
     with pytest.raises(ValueError, match="batch_size"):
-        Detector(model, meta["class_names"], batch_size=0)
+        Detector(model, class_names, batch_size=0)
+    with pytest.raises(ValueError, match="unknown inference setting"):
+        Detector(model, class_names, score_treshold=0.3)
     with pytest.raises(ValueError, match="6 classes but 2 class names"):
         Detector(model, ["a", "b"])
 
@@ -139,7 +141,8 @@ def cli_run(checkpoint, tmp_path_factory):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = main(["detect", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out),
-                     "--score-threshold", str(SCORE_THRESHOLD), "--batch-size", "2"])
+                     "--score-threshold", str(SCORE_THRESHOLD), "--display-threshold",
+                     str(SCORE_THRESHOLD), "--batch-size", "2"])
     return inputs, out, stderr.getvalue(), code
 
 

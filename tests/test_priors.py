@@ -82,7 +82,7 @@ def test_prior_count_is_cells_times_boxes_per_cell(sizes, ratios):
 def test_clipping_keeps_prior_corners_inside_the_image():
     corners = center_to_corners(prior_boxes(SSD300))
     assert np.any((corners < 0) | (corners > 1))  # so that clipping has work to do
-    clipped = center_to_corners(prior_boxes(dataclasses.replace(SSD300, clip=True)))
+    clipped = center_to_corners(prior_boxes(dataclasses.replace(SSD300, clip="corners")))
     assert np.all((clipped >= -1e-6) & (clipped <= 1 + 1e-6))
     inside = np.all((corners >= 0) & (corners <= 1), axis=1)
     np.testing.assert_allclose(clipped[inside], corners[inside], atol=1e-6)

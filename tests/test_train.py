@@ -7,6 +7,7 @@ import pytest
 
 from experiments import train_voc
 from ssd_jax import train as train_lib
+from ssd_jax.checkpoint import load_model
 from ssd_jax.data import pipeline
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset
 from ssd_jax.sharding import data_mesh, shard_batch
@@ -119,8 +120,9 @@ def test_non_finite_loss_stops_training_loudly(tmp_path):
 def test_saved_model_reloads_with_its_class_names(tmp_path):
     config = dataclasses.replace(TINY, num_steps=2, workdir=str(tmp_path))
     train_lib.train(config, *tiny_sources(), CLASS_NAMES)
-    model, meta = train_lib.load_trained_model(tmp_path)
-    assert meta["class_names"] == list(CLASS_NAMES)
+    loaded = load_model(tmp_path)
+    model = loaded.model
+    assert loaded.class_names == CLASS_NAMES and loaded.meta["train"]["num_steps"] == 2
     assert model.config.priors.image_size == 64
     loc, conf = model(np.zeros((1, 64, 64, 3), np.uint8))
     assert conf.shape == (1, model.config.priors.num_priors, len(CLASS_NAMES) + 1)

@@ -69,8 +69,8 @@ def parse_annotation(path) -> dict:
 
     Raises ValueError naming the file and what is wrong with it: not XML, a missing or
     non-numeric <size> or box coordinate, an unknown class, a degenerate box (xmax <= xmin or
-    ymax <= ymin), or one wholly outside the image. A box partly outside the image is kept: the input
-    pipeline clips every box to the image.
+    ymax <= ymin), or one wholly outside the image. A box partly outside the image is kept: the
+    input pipeline clips every box to the image.
     """
     try:
         root = ElementTree.parse(path).getroot()
@@ -84,7 +84,8 @@ def parse_annotation(path) -> dict:
                 raise ValueError(f"unknown class {name!r}, expected one of {VOC_CLASSES}")
             labels.append(VOC_CLASSES.index(name) + 1)
             difficult.append(obj.findtext("difficult", "0").strip() == "1")
-            boxes.append([_number(obj, f"bndbox/{key}") for key in ("xmin", "ymin", "xmax", "ymax")])
+            boxes.append([_number(obj, f"bndbox/{key}")
+                          for key in ("xmin", "ymin", "xmax", "ymax")])
             _check_box(boxes[-1], width, height, f"object {number} ({name})")
     except (ElementTree.ParseError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
