@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import shutil
 import sys
 import warnings
@@ -99,12 +100,33 @@ def reading(directory, step: int):
 
 def _discard_failed_reads() -> None:
     """Collects the array reads a failed restore abandoned, quietly: each would otherwise
-    print its own TensorStore traceback ("Exception ignored in <coroutine ...>")."""
+    print its own TensorStore traceback when collected ("Exception ignored in <coroutine ...>",
+    asyncio's "Task exception was never retrieved")."""
     hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    asyncio_log = logging.getLogger("asyncio")
+    level = asyncio_log.level
+    asyncio_log.setLevel(logging.CRITICAL)
     try:
         gc.collect()
     finally:
-        sys.unraisablehook = hook
+        sys.unraisablehook = _without_closed_loop_callbacks(hook)
+        asyncio_log.setLevel(level)
+
+
+def _without_closed_loop_callbacks(hook):
+    """`hook` (an unraisable-exception hook) ignoring the "Event loop is closed" errors of
+    TensorStore reads that a failed restore abandoned: they finish later, on their own
+    threads, and call back into orbax's closed event loop. Everything else goes to `hook`."""
+    if getattr(hook, "ignores_closed_loop_callbacks", False):
+        return hook
+
+    def filtered(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    filtered.ignores_closed_loop_callbacks = True
+    return filtered
 
 
 def check_finite(tree, directory, step: int) -> None:
@@ -304,7 +326,12 @@ def _load_model_step(directory: Path, step: int) -> LoadedModel:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     state_path = directory / str(step) / "state"
     with reading(directory, step):
-        stored = ocp.PyTreeCheckpointer().metadata(state_path).item_metadata.tree
+        stored = ocp.PyTreeCheckpointer().metadata(state_path).item_metadata
+    if stored is None:  # orbax logs why and returns nothing
+        _discard_failed_reads()
+        raise DamagedCheckpointError(directory, step, f"the array metadata in {state_path} "
+                                     "cannot be read")
+    stored = stored.tree
     _check_stored_shapes(state_path, stored, {"params": params, "rest": rest})
     target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
               "rest": jax.tree.map(ocp.utils.to_shape_dtype_struct, rest)}

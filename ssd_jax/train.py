@@ -110,18 +110,9 @@ class TrainConfig:
                               f"{self.decay_steps}")
         if not isinstance(self.augment, bool):
             raise ConfigError("augment", f"must be True or False, got {self.augment!r}")
-        self._check_image_size()
-
-    def _check_image_size(self):
         if self.image_size and self.model != "ssd_mini":
             raise ConfigError("image_size", f"applies to ssd_mini only; {self.model} has the "
                               "fixed input size of its default boxes (leave it 0)")
-        try:
-            get_config(self.model, num_classes=1, **(
-                {"image_size": self.image_size} if self.image_size else {}))
-        except ValueError as error:
-            raise ConfigError("image_size", f"{self.image_size} gives no valid {self.model}: "
-                              f"{error}") from error
 
 
 @flax.struct.dataclass

@@ -73,7 +73,10 @@ def parse_annotation(path) -> dict:
     input pipeline clips every box to the image.
     """
     try:
-        root = ElementTree.parse(path).getroot()
+        try:
+            root = ElementTree.parse(path).getroot()
+        except ElementTree.ParseError as error:
+            raise ValueError(f"not valid XML ({error})") from None
         width, height = (_number(root, f"size/{side}") for side in ("width", "height"))
         if width <= 0 or height <= 0:
             raise ValueError(f"<size> is {width:g} x {height:g}, not a positive size")
@@ -87,7 +90,7 @@ def parse_annotation(path) -> dict:
             boxes.append([_number(obj, f"bndbox/{key}")
                           for key in ("xmin", "ymin", "xmax", "ymax")])
             _check_box(boxes[-1], width, height, f"object {number} ({name})")
-    except (ElementTree.ParseError, ValueError) as error:
+    except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     scale = np.array([width, height, width, height])
     return {
