@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import math
 import numbers
-import sys
 import typing
 import warnings
 
@@ -73,9 +72,9 @@ def unit_interval(text: str) -> float:
 
 
 def show_warnings_plainly() -> None:
-    """Warnings as one "warning: ..." line on stderr, for command-line programs."""
-    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
-                                                           file=sys.stderr)
+    """Warnings as one "warning: ..." line on stderr, for command-line programs (only their
+    format changes, so code that records warnings still does)."""
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
 
 
 def usage_error(parser: argparse.ArgumentParser, field: str, problem: str) -> typing.NoReturn:

@@ -4,6 +4,7 @@ be lost or silent: each fault is refused with a message naming it, or survived a
 import dataclasses
 import json
 import math
+import re
 import shutil
 import warnings
 
@@ -240,3 +241,29 @@ def test_num_steps_below_the_checkpoint_is_a_usage_error(trained, capsys):
     assert exit.value.code == 2
     assert "argument --num-steps: 2 is below step 4" in capsys.readouterr().err
     assert checkpoint_steps(trained / "checkpoints")[0] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["--eval-examples", "-1"], "argument --eval-examples: must be an integer >= 0"),
+    (["--out", "{file}"], "argument --out: .* is a file, not a folder")])
+def test_eval_voc_argument_errors_are_usage_errors(args, message, tmp_path, capsys):
+    from experiments import eval_voc
+    (tmp_path / "file").write_text("")
+    args = [arg.format(file=tmp_path / "file") for arg in args]
+    with pytest.raises(SystemExit) as exit:
+        eval_voc.main(["--checkpoint", str(tmp_path), "--dataset", "shapes", *args])
+    assert exit.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_eval_voc_on_a_checkpoint_of_another_program_is_one_clear_line(tmp_path):
+    from experiments import eval_voc
+    from ssd_jax.checkpoint import checkpoint_manager, save
+    manager = checkpoint_manager(tmp_path / "checkpoints")
+    save(manager, 0, {"weights": np.zeros(3, np.float32)}, {"something": "else"})
+    manager.wait_until_finished()
+    manager.close()
+    with pytest.raises(SystemExit, match="error: .* is not a checkpoint this version of ssd_jax "
+                                         "can load"):
+        eval_voc.main(["--checkpoint", str(tmp_path), "--dataset", "shapes"])
