@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from experiments import bench_boxes, bench_input, bench_train
+from experiments import bench_boxes, bench_input, bench_train, parity_torchvision
 from experiments.benchlib import cpu_threads, machine_info, print_table
 
 # (title, what is measured, run(quick) -> (rows, notes))
@@ -49,17 +49,26 @@ SECTIONS = (
      "SSD recipe on one thread; then the fast transform through grain's worker processes. "
      "The last column is CPU time over the fast transform's: above 1x, ours is faster.",
      lambda quick: bench_input.run(**(dict(images=16, repeats=1, batches=4) if quick else {}))),
+    ("Detections equal to torchvision's",
+     "torchvision's `ssd300_vgg16` with random weights (classification head x0.5: confident, "
+     "varied scores), its state dict converted by `experiments.convert_ssd --format "
+     "torchvision` and run by `Detector.from_checkpoint` with no arguments, beside torchvision "
+     "itself on scikit-image's photographs (`experiments.parity_torchvision`). A torchvision "
+     "detection is twinned when ours has one of the same label, a score within 1e-4 and every "
+     "corner within 0.5 px of the original image. Target: >= 99% twinned.",
+     parity_torchvision.section),
 )
 
 REPRODUCE = """\
 ```
 python -m venv torchvenv && . torchvenv/bin/activate
-pip install -e . torch==2.14.1 torchvision==0.29.1   # CPU is enough
+pip install -e . torch==2.14.1 torchvision==0.29.1 scikit-image   # CPU is enough
 python -m experiments.benchmark            # rewrites BENCHMARKS.md
 ```
 Without torch the torchvision columns read n/a. Each benchmark also runs alone:
 `python -m experiments.bench_boxes`, `python -m experiments.bench_train` (`--model`,
-`--batch-size`, `--dtype`, `--peak-tflops` on a GPU), `python -m experiments.bench_input`.
+`--batch-size`, `--dtype`, `--peak-tflops` on a GPU), `python -m experiments.bench_input`,
+`python -m experiments.parity_torchvision` (needs scikit-image too).
 Threads: XLA uses every core the process may use and torch gets the same count, except in
 the input pipeline, where torch's transforms run on one thread as in a DataLoader worker.
 Restrict both with `taskset -c 0-N`."""

@@ -124,13 +124,13 @@ def main(argv=None) -> dict:
                  f"--dataset {args.dataset}'s {list(dataset_classes)}")
     use_07_metric = not args.area_metric
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # The checkpoint's NMS settings (its score threshold, as evaluation wants, is 0.01); the
-    # images go through the evaluation pipeline's uint8 resize.
+    # The checkpoint's own inference settings and resize (a converted peer's are the peer's).
     predict = inference.make_predict_fn(graphdef, model.config, loaded.inference)
     # Scoring reads each image's unpadded ground truth; the padded targets go unused.
     result = evaluate_source(predict, params, rest, source, batch_size=args.batch_size,
                              max_boxes=1, image_size=image_size, num_classes=len(class_names),
-                             use_07_metric=use_07_metric, return_curves=True)
+                             resize=loaded.inference.resize, use_07_metric=use_07_metric,
+                             return_curves=True)
 
     metric = METRIC_NAMES[use_07_metric]
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "eval"

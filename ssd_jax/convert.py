@@ -13,8 +13,11 @@ convolutions and subsampled (the "reduced fc" model). Two PyTorch state dicts ar
   bias of its `vgg` layer list, the same 13 conv indices, then conv6 at 31 and conv7 at 33,
   already reduced.
 
-Either is read from a .pth (needs PyTorch, imported only then; it is no dependency of this
-project) or from an .npz holding the same state dict (`numpy.savez(path, **state_dict)`).
+Either is read from a .pth (without PyTorch: `ssd_jax.pth`) or from an .npz holding the same
+state dict (`numpy.savez(path, **state_dict)`).
+
+The trained SSD detectors of torchvision, ssd.pytorch, lufficc/SSD and mmdetection are converted
+further below (`convert_detector`), reusing the VGG16 layer indices.
 
 Weight file written (.npz): "<layer>/kernel" float32 HWIO [kh, kw, I, O] (PyTorch's OIHW
 transposed) and "<layer>/bias" [O] for conv1_1 ... conv5_3, conv6, conv7 (ssd_jax.model's
@@ -30,12 +33,20 @@ normalization the weights were trained with. Build the model with them (`backbon
   (ssd.pytorch itself feeds RGB images to these BGR weights; this converter follows Caffe.)
 """
 import argparse
+import dataclasses
+import functools
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from ssd_jax.model import IMAGENET_MEAN, IMAGENET_STD
+from reference.priors import SSD300, SSD512, PriorConfig
+from ssd_jax.checkpoint import checkpoint_meta, save_model
+from ssd_jax.data.voc import VOC_CLASSES
+from ssd_jax.inference import InferenceConfig
+from ssd_jax.model import IMAGENET_MEAN, IMAGENET_STD, SSD, Conv, ModelConfig, get_config
+from ssd_jax.pth import read_pth
 
 VGG16_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
                "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
@@ -50,22 +61,24 @@ REDUCE_TAPS = 3     # keep every 3rd tap of fc6's 7x7 window: 7 -> 3
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-    """A PyTorch state dict from a .pth / .pt (needs torch) or an .npz of the same keys."""
+    """A PyTorch state dict from a .pth / .pt file (read without torch, `ssd_jax.pth`) or an
+    .npz of the same keys. A training checkpoint around the state dict ({"model": ...} as
+    lufficc/SSD saves, {"state_dict": ...} as mmdetection does) gives the state dict; a
+    "module." prefix (DataParallel) is dropped; entries that are not arrays are left out."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             return {key: arrays[key] for key in arrays.files}
-    try:
-        import torch  # only to unpickle .pth files
-    except ImportError:
-        raise ImportError(
-            f"reading {path} needs PyTorch (pip install torch; this project does not depend on "
-            "it), or convert it to an .npz where torch is installed: "
-            "numpy.savez(out, **{k: v.numpy() for k, v in state_dict.items()})") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: value.detach().numpy() for key, value in state.items()}
+    value = read_pth(path)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(value, dict) and isinstance(value.get(wrapper), dict):
+            value = value[wrapper]
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a state dict")
+    return {key.removeprefix("module."): array for key, array in value.items()
+            if isinstance(array, np.ndarray)}
 
 
 def _tensor(state: dict, key: str, ndim: int) -> np.ndarray:
@@ -216,3 +229,246 @@ def main(argv=None) -> None:
     stats = backbone_pixel_stats(args.output)
     print(f"{args.source}: {layout} -> {args.output} ({', '.join(BACKBONE_LAYERS)}); "
           f"input normalization pixel_mean={stats['pixel_mean']} pixel_std={stats['pixel_std']}")
+
+
+# --- Trained SSD detectors of the peers (see shared/peers/trained_weights.md for the sources). ---
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+# COCO's category ids run 1..90 with these 10 unused; torchvision's COCO model has a logit for
+# each id and names the unused ones "N/A".
+COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in COCO_UNUSED_IDS)
+COCO_SCALES_300 = dict(min_sizes=(21, 45, 99, 153, 207, 261), max_sizes=(45, 99, 153, 207, 261, 315))
+PEER_FORMATS = ("torchvision", "ssd.pytorch", "lufficc", "mmdet")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerDetector:
+    """What defines a peer's detector beyond its weights (trained_weights.md, one per file)."""
+
+    image_size: int
+    priors: PriorConfig
+    class_names: tuple[str, ...]
+    label_ids: tuple[int, ...]
+    pixel_mean: tuple[float, float, float]
+    inference: InferenceConfig
+
+
+def _voc_or_coco(format_name: str, num_classes: int, coco_classes: int):
+    if num_classes == len(VOC_CLASSES):
+        return "voc"
+    if num_classes == coco_classes:
+        return "coco"
+    raise ValueError(f"this {format_name} checkpoint has {num_classes} object classes; the "
+                     f"converter knows its VOC ({len(VOC_CLASSES)}) and COCO ({coco_classes}) "
+                     "models, whose default boxes are published (others depend on their "
+                     "training config)")
+
+
+def peer_detector(format_name: str, image_size: int, num_classes: int) -> PeerDetector:
+    """The priors, classes, pixel statistics and inference settings of a peer's published
+    SSD`image_size` with `num_classes` object classes."""
+    ssd = {300: SSD300, 512: SSD512}[image_size]
+    if format_name == "torchvision":
+        if (image_size, num_classes) != (300, 90):
+            raise ValueError("torchvision publishes only SSD300 COCO (90 category ids), got "
+                             f"SSD{image_size} with {num_classes} classes")
+        names = tuple(COCO_CLASSES[COCO_CATEGORY_IDS.index(i)] if i in COCO_CATEGORY_IDS
+                      else "N/A" for i in range(1, 91))
+        return PeerDetector(
+            300, dataclasses.replace(SSD300, clip="wh", **COCO_SCALES_300), names,
+            tuple(range(1, 91)), tuple(255 * m for m in (0.48235, 0.45882, 0.40784)),
+            InferenceConfig(pre_nms_top_k=400, top_k=200, resize="float"))
+    if format_name == "ssd.pytorch":
+        if (image_size, num_classes) != (300, 20):
+            raise ValueError("ssd.pytorch publishes only SSD300 VOC (20 classes), got "
+                             f"SSD{image_size} with {num_classes} classes")
+        return PeerDetector(300, dataclasses.replace(SSD300, clip="center_form"), VOC_CLASSES,
+                            tuple(range(1, 21)), (123.0, 117.0, 104.0), InferenceConfig(
+                                pre_nms_top_k=200, top_k=None, clip_boxes=False,
+                                resize="opencv"))
+    if format_name == "lufficc":
+        dataset = _voc_or_coco(format_name, num_classes, len(COCO_CLASSES))
+        scales = {
+            (300, "voc"): {},
+            (300, "coco"): COCO_SCALES_300,
+            (512, "voc"): dict(max_sizes=SSD512.max_sizes[:-1] + (537.65,)),
+            (512, "coco"): dict(
+                min_sizes=(20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8),
+                max_sizes=(51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72)),
+        }[(image_size, dataset)]
+        names = VOC_CLASSES if dataset == "voc" else COCO_CLASSES
+        return PeerDetector(image_size, dataclasses.replace(ssd, clip="center_form", **scales),
+                            names, tuple(range(1, num_classes + 1)), (123.0, 117.0, 104.0),
+                            InferenceConfig(pre_nms_top_k=None, top_k=100, clip_boxes=False,
+                                            resize="opencv"))
+    if format_name == "mmdet":
+        dataset = _voc_or_coco(format_name, num_classes, len(COCO_CLASSES))
+        scales = {  # SSDAnchorGenerator's sizes, truncated to integers
+            (300, "voc"): {},
+            (300, "coco"): COCO_SCALES_300,
+            (512, "voc"): dict(min_sizes=(35, 76, 153, 230, 307, 384, 460),
+                               max_sizes=(76, 153, 230, 307, 384, 460, 537)),
+            (512, "coco"): dict(min_sizes=(20, 51, 133, 215, 296, 378, 460),
+                                max_sizes=(51, 133, 215, 296, 378, 460, 542)),
+        }[(image_size, dataset)]
+        names = VOC_CLASSES if dataset == "voc" else COCO_CLASSES
+        return PeerDetector(image_size, dataclasses.replace(ssd, clip="none", **scales), names,
+                            tuple(range(num_classes)), IMAGENET_MEAN, InferenceConfig(
+                                score_threshold=0.02, pre_nms_top_k=1000, top_k=200,
+                                candidates="per_level", drop_empty_boxes=True,
+                                resize="opencv"))
+    raise ValueError(f"unknown format {format_name!r}, choose one of {PEER_FORMATS}")
+
+
+def _peer_vgg_index(name: str) -> int:
+    return dict(zip(BACKBONE_LAYERS, TORCH_CONV_INDICES + tuple(SSD_PYTORCH_FC_INDICES.values())))[name]
+
+
+def peer_keys(format_name: str, config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Where each ssd_jax conv ("backbone/conv1_1", "extras/conv8_2", "loc/conv4_3", ...) and
+    "l2norm/scale" are in a peer's state dict: the key prefix of its .weight and .bias (the
+    full key for l2norm), with alternatives where the peer has renamed them (mmdetection)."""
+    extras = [layer.name for layer in config.extras if isinstance(layer, Conv)]
+    keys = {}
+    if format_name == "torchvision":
+        for name, index in zip(VGG16_CONVS[:10], TORCH_CONV_INDICES):
+            keys[f"backbone/{name}"] = (f"backbone.features.{index}",)
+        for name, index in zip(VGG16_CONVS[10:], (1, 3, 5)):
+            keys[f"backbone/{name}"] = (f"backbone.extra.0.{index}",)
+        keys["backbone/conv6"] = ("backbone.extra.0.7.1",)
+        keys["backbone/conv7"] = ("backbone.extra.0.7.3",)
+        for k, name in enumerate(extras):
+            keys[f"extras/{name}"] = (f"backbone.extra.{k // 2 + 1}.{2 * (k % 2)}",)
+        keys["l2norm/scale"] = ("backbone.scale_weight",)
+        heads = ("head.regression_head.module_list.{}",), ("head.classification_head.module_list.{}",)
+    else:
+        vgg, extra, l2norm, heads = {
+            "ssd.pytorch": ("vgg.", ("extras.{k}",), ("L2Norm.weight",),
+                            (("loc.{}",), ("conf.{}",))),
+            "lufficc": ("backbone.vgg.", ("backbone.extras.{k}",), ("backbone.l2_norm.weight",),
+                        (("box_head.predictor.reg_headers.{}",),
+                         ("box_head.predictor.cls_headers.{}",))),
+            "mmdet": ("backbone.features.",
+                      ("neck.extra_layers.{pair}.{member}.conv", "backbone.extra.{k}"),
+                      ("neck.l2_norm.weight", "backbone.l2_norm.weight"),
+                      (("bbox_head.reg_convs.{}.0", "bbox_head.reg_convs.{}"),
+                       ("bbox_head.cls_convs.{}.0", "bbox_head.cls_convs.{}"))),
+        }[format_name]
+        for name in BACKBONE_LAYERS:
+            keys[f"backbone/{name}"] = (f"{vgg}{_peer_vgg_index(name)}",)
+        for k, name in enumerate(extras):
+            keys[f"extras/{name}"] = tuple(key.format(k=k, pair=k // 2, member=k % 2)
+                                           for key in extra)
+        keys["l2norm/scale"] = l2norm
+    for i, source in enumerate(config.sources):
+        keys[f"loc/{source}"] = tuple(key.format(i) for key in heads[0])
+        keys[f"conf/{source}"] = tuple(key.format(i) for key in heads[1])
+    return keys
+
+
+def _present(state: dict, alternatives: tuple[str, ...], suffix: str, format_name: str) -> str:
+    for key in alternatives:
+        if key + suffix in state:
+            return key + suffix
+    raise ValueError(f"the state dict has no {' or '.join(k + suffix for k in alternatives)}: "
+                     f"not a {format_name} SSD checkpoint of this layout (its keys begin "
+                     f"{sorted(state)[:4]})")
+
+
+def _detect_size(format_name: str, state: dict) -> int:
+    """300 or 512, from the extra layers the state dict has (conv12 exists in SSD512 only)."""
+    conv12 = {"lufficc": ("backbone.extras.8.weight",),
+              "mmdet": ("neck.extra_layers.4.0.conv.weight", "backbone.extra.8.weight")}
+    return 512 if any(key in state for key in conv12.get(format_name, ())) else 300
+
+
+def convert_detector(format_name: str, state: dict):
+    """A peer's trained SSD state dict -> (SSD model, PeerDetector).
+
+    Every ssd_jax parameter is taken from the key `peer_keys` names (OIHW kernels transposed
+    to HWIO; mmdetection's background logit, its last, moved first in every box's class
+    block). A missing key, a tensor of another shape than the stored geometry implies, or a
+    tensor left over raises ValueError naming it.
+    """
+    if format_name not in PEER_FORMATS:
+        raise ValueError(f"unknown format {format_name!r}, choose one of {PEER_FORMATS}")
+    image_size = _detect_size(format_name, state)
+    probe = get_config(f"ssd{image_size}")
+    first_conf = _present(state, peer_keys(format_name, probe)[f"conf/{probe.sources[0]}"],
+                          ".weight", format_name)
+    boxes = probe.priors.boxes_per_location[0]
+    num_classes = state[first_conf].shape[0] // boxes - 1
+    peer = peer_detector(format_name, image_size, num_classes)
+    config = get_config(f"ssd{image_size}", num_classes=num_classes, priors=peer.priors,
+                        pixel_mean=peer.pixel_mean, pixel_std=(1.0, 1.0, 1.0))
+    abstract = nnx.eval_shape(lambda: SSD(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract)
+    arrays, used = {}, set()
+    for path, alternatives in peer_keys(format_name, config).items():
+        group, name = path.split("/")
+        if path == "l2norm/scale":
+            key = _present(state, alternatives, "", format_name)
+            arrays[("l2norm", "scale")] = (key, np.asarray(state[key], np.float32))
+            used.add(key)
+            continue
+        for param, suffix, ndim in (("kernel", ".weight", 4), ("bias", ".bias", 1)):
+            key = _present(state, alternatives, suffix, format_name)
+            value = _tensor(state, key, ndim)
+            if format_name == "mmdet" and group == "conf":
+                value = _background_first(value, num_classes + 1)
+            arrays[(group, name, param)] = (key, value.transpose(2, 3, 1, 0) if ndim == 4 else value)
+            used.add(key)
+    left_over = sorted(set(state) - used)
+    if left_over:
+        raise ValueError(f"{len(left_over)} tensors of the state dict have no place in "
+                         f"{format_name} SSD{image_size}: {left_over[:5]}")
+    pure = nnx.to_pure_dict(params)
+    for where, (key, value) in arrays.items():
+        slot = functools.reduce(lambda tree, k: tree[k], where[:-1], pure)
+        want = tuple(slot[where[-1]].shape)
+        if value.shape != want:
+            raise ValueError(f"{key} has shape {_as_stored(value.shape)} but {format_name} "
+                             f"SSD{image_size} with {num_classes} classes expects "
+                             f"{_as_stored(want)} there ({'/'.join(where)})")
+        slot[where[-1]] = jnp.asarray(value)
+    nnx.replace_by_pure_dict(params, pure)
+    return nnx.merge(graphdef, params), peer
+
+
+def _as_stored(shape) -> tuple:
+    """A converted array's shape as the peer stores it (kernels OIHW, not HWIO)."""
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def _background_first(value: np.ndarray, classes: int) -> np.ndarray:
+    """mmdetection's conf head, [A * (C + 1), ...] with the background last in each box's
+    block, reordered so that the background comes first, as ssd_jax (and Caffe) have it."""
+    if value.shape[0] % classes:
+        raise ValueError(f"a conf head of {value.shape[0]} outputs is not a multiple of "
+                         f"{classes} classes")
+    blocks = value.reshape(value.shape[0] // classes, classes, *value.shape[1:])
+    order = [classes - 1] + list(range(classes - 1))
+    return blocks[:, order].reshape(value.shape)
+
+
+def convert_detector_file(format_name: str, source, output) -> dict:
+    """Converts a peer's checkpoint file (.pth or .npz) to a checkpoint directory `output`
+    that `load_model`, `Detector.from_checkpoint` and evaluation read. Returns its record."""
+    if Path(output).exists() and any(Path(output).iterdir()):
+        raise ValueError(f"{output} exists and is not empty: choose a new folder")
+    model, peer = convert_detector(format_name, read_state_dict(source))
+    save_model(output, model, peer.class_names, label_ids=peer.label_ids,
+               inference=peer.inference, source={"format": format_name, "file": Path(source).name})
+    return checkpoint_meta(model.config, peer.class_names, label_ids=peer.label_ids,
+                           inference=peer.inference)

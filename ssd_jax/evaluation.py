@@ -22,11 +22,13 @@ def evaluate(predict, params, rest, loader, num_classes: int, *, use_07_metric=T
 
 
 def evaluate_source(predict, params, rest, source, *, batch_size: int, max_boxes: int,
-                    image_size: int, num_classes: int, **options) -> dict:
+                    image_size: int, num_classes: int, resize: str = "uint8",
+                    **options) -> dict:
     """`evaluate` over a data source, read by `pipeline.make_eval_loader` (ground truth padded
-    to `max_boxes`, images resized to `image_size`); `options` are `evaluate`'s."""
+    to `max_boxes`, images resized to `image_size` by the resize mode `resize`); `options`
+    are `evaluate`'s."""
     loader = pipeline.make_eval_loader(source, batch_size=batch_size, max_boxes=max_boxes,
-                                       image_size=image_size)
+                                       image_size=image_size, resize=resize)
     return evaluate(predict, params, rest, loader, num_classes,
                     num_batches=-(-len(source) // batch_size), **options)
 

@@ -24,7 +24,8 @@ def flag_name(field: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
-    """Adds a flag per field of the dataclass instance `defaults`, defaulting to its value."""
+    """Adds a flag per field of the dataclass instance `defaults`, defaulting to its value;
+    a field's `metadata["choices"]` limits its values."""
     for field in dataclasses.fields(defaults):
         value = getattr(defaults, field.name)
         flag = flag_name(field.name)
@@ -35,7 +36,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
         elif field.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
-            parser.add_argument(flag, type=field.type, default=value, help=f"default: {value}")
+            parser.add_argument(flag, type=field.type, default=value, help=f"default: {value}",
+                                choices=field.metadata.get("choices"))
 
 
 def config_from_args(cls, args: argparse.Namespace, parser: argparse.ArgumentParser):

@@ -30,7 +30,7 @@ from ssd_jax.evaluation import evaluate_source
 from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
                            require_number)
 from ssd_jax.loss import multibox_loss
-from ssd_jax.matching import build_targets
+from ssd_jax.matching import RULES, build_targets
 from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
 from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_distributed,
@@ -56,6 +56,7 @@ class TrainConfig:
     batch_size: int = 32
     max_boxes: int = 50
     augment: bool = True  # the paper's photometric, zoom-out, min-IoU crop and flip
+    keep_difficult: bool = False  # train on VOC's difficult objects too, as Caffe does
     num_steps: int = 120_000
     optimizer: str = "sgd"  # "sgd" (the paper's, with momentum) or "adam"
     learning_rate: float = 1e-3
@@ -64,9 +65,14 @@ class TrainConfig:
     decay_factor: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Caffe's parameter groups: biases get twice the learning rate and no decay, everything
+    # else (L2Norm's scale too) decay. Off: kernels decay, biases and the scale do not.
+    caffe_param_groups: bool = False
     grad_clip_norm: float = 0.0
     neg_pos_ratio: int = 3
     match_iou_threshold: float = 0.5
+    # Step 1 of matching: Caffe's greedy bipartite rule, or torchvision's argmax shortcut.
+    matching: str = dataclasses.field(default="bipartite", metadata={"choices": RULES})
     seed: int = 0
     workdir: str = "runs/voc"
     log_every: int = 50
@@ -86,6 +92,7 @@ class TrainConfig:
         require_choice(self, "model", CONFIGS)
         require_choice(self, "dtype", DTYPES)
         require_choice(self, "optimizer", OPTIMIZERS)
+        require_choice(self, "matching", RULES)
         for field in ("batch_size", "max_boxes", "num_steps", "log_every", "checkpoint_every",
                       "keep_checkpoints"):
             require_int(self, field, 1)
@@ -135,14 +142,34 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The paper's SGD: momentum 0.9, weight decay 5e-4 (on kernels only, as Caffe's
-    decay_mult 0 for biases and the L2Norm scale). Adam, for small models trained
-    from scratch, gets the same L2 weight decay."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    """The paper's SGD: momentum 0.9, L2 weight decay 5e-4. Adam, for small models
+    trained from scratch, gets the same L2 weight decay.
+
+    By default the decay applies to the kernels only, not to the biases and the
+    L2Norm scale.
+    `caffe_param_groups` gives the Caffe release's groups instead (ssd_pascal.py:
+    `param {lr_mult: 1 decay_mult: 1} param {lr_mult: 2 decay_mult: 0}` on every
+    convolution, none on the Normalize layer): kernels and the L2Norm scale decay,
+    biases do not and learn at twice the rate.
+    """
+    if config.caffe_param_groups:
+        decay_mask = lambda params: _map_with_name(lambda name: name != "bias", params)  # noqa: E731
+    else:
+        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
     parts += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
               OPTIMIZERS[config.optimizer](learning_rate_schedule(config), config)]
+    if config.caffe_param_groups:
+        bias_mask = lambda params: _map_with_name(lambda name: name == "bias", params)  # noqa: E731
+        parts.append(optax.masked(optax.scale(2.0), bias_mask))
     return optax.chain(*parts)
+
+
+def _map_with_name(fn, params):
+    """fn(the parameter's name: "kernel", "bias" or "scale") for every leaf of `params`."""
+    def name(path):
+        return next(key.key for key in reversed(path) if isinstance(key, jax.tree_util.DictKey))
+    return jax.tree_util.tree_map_with_path(lambda path, _: fn(name(path)), params)
 
 
 def create_train_state(model: SSD, tx: optax.GradientTransformation):
@@ -165,7 +192,7 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
         loc, conf_logits = model(batch["image"])
         loc_target, labels = build_targets(
             batch["boxes"], batch["labels"], batch["mask"], priors,
-            iou_threshold=config.match_iou_threshold)
+            iou_threshold=config.match_iou_threshold, rule=config.matching)
         terms = multibox_loss(loc, conf_logits, loc_target, labels,
                               neg_pos_ratio=config.neg_pos_ratio)
         return terms["loss"], terms
@@ -361,7 +388,7 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         train_source, batch_size=local_batch_size, max_boxes=config.max_boxes,
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step,
-        shard=(jax.process_index(), jax.process_count()))
+        shard=(jax.process_index(), jax.process_count()), keep_difficult=config.keep_difficult)
     predict = inference.make_predict_fn(graphdef, run_model_config)
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
 

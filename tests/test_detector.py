@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -11,7 +12,8 @@ from pycocotools.coco import COCO
 
 from reference.augment import resize
 from ssd_jax import Detector
-from ssd_jax.checkpoint import DamagedCheckpointWarning, checkpoint_manager, load_model, save
+from ssd_jax.checkpoint import (DamagedCheckpointWarning, checkpoint_manager, load_model, save,
+                                save_model)
 from ssd_jax.cli import main
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset
 from tests.helpers import write_untrained_checkpoint
@@ -248,3 +250,25 @@ def test_the_detector_refuses_what_is_not_a_model_or_an_image(detector):
     encoded = io.BytesIO()
     Image.fromarray(image).save(encoded, "PNG")
     assert_same_detections(detector(encoded.getvalue()), detector(image))
+
+
+def test_labels_come_in_the_checkpoints_label_space_through_its_resize(tmp_path):
+    loaded = load_model(write_untrained_checkpoint(tmp_path / "run"))
+    label_ids = [10, 20, 30, 40, 50, 60]
+    settings = dataclasses.replace(loaded.inference, score_threshold=SCORE_THRESHOLD, top_k=20,
+                                   resize="float")
+    save_model(tmp_path / "peer", loaded.model, CLASS_NAMES, label_ids=label_ids,
+               inference=settings)
+    peer = Detector.from_checkpoint(tmp_path / "peer", batch_size=2)
+    assert peer.settings == settings
+    image = shapes_images([(50, 90)])[0]
+    result = peer(image)
+    assert len(result["labels"]) > 0 and set(result["labels"]) <= set(label_ids)
+    assert result["class_names"] == [CLASS_NAMES[label_ids.index(i)] for i in result["labels"]]
+    # The same detections as the model's own on the unrounded float resize.
+    plain = Detector(loaded.model, CLASS_NAMES, settings, batch_size=2)
+    expected = plain(image)
+    np.testing.assert_array_equal(result["labels"], np.asarray(label_ids)[expected["labels"] - 1])
+    np.testing.assert_allclose(result["scores"], expected["scores"], rtol=1e-6)
+    rounded = Detector(loaded.model, CLASS_NAMES, settings, batch_size=2, resize="uint8")(image)
+    assert not np.array_equal(rounded["scores"], expected["scores"])

@@ -146,11 +146,12 @@ def raw_outputs(draw):
     return loc, conf_logits.astype(np.float32)
 
 
-def assume_no_near_ties(loc, conf_logits, score_threshold, iou_threshold):
+def assume_no_near_ties(loc, conf_logits, score_threshold, iou_threshold, clip_boxes=True):
     """Rejects inputs where float32 rounding could flip a comparison the reference makes."""
     scores = np.sort(np.exp(log_softmax(conf_logits.astype(np.float64)))[:, 1:].ravel())
     assume(np.all(np.diff(scores) > 1e-6) and np.all(np.abs(scores - score_threshold) > 1e-6))
-    boxes = np.clip(decode(loc, SMALL_PRIORS), 0.0, 1.0)
+    boxes = decode(loc, SMALL_PRIORS)
+    boxes = np.clip(boxes, 0.0, 1.0) if clip_boxes else boxes
     assume_no_iou_near(boxes, iou_threshold, tolerance=1e-5)
 
 
@@ -313,3 +314,92 @@ def test_detect_rejects_bad_input(detect, bad):
 def test_detect_batch_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="conf_logits"):
         jax_nms.detect_batch(np.stack([LOC, LOC]), LOGITS[None], SMALL_PRIORS)
+
+
+# --- The peers' postprocessing options (shared/peers/trained_weights.md, section 5). ---
+
+SMALL_LEVELS = (36, 2)  # SMALL_PRIORS: a 3x3 map of 4 boxes per cell, a 1x1 map of 2
+PEER_OPTIONS = {
+    "ssd.pytorch: no box clip, no final cap": dict(top_k=None, pre_nms_top_k=PRE_NMS_TOP_K,
+                                                  clip_boxes=False),
+    "lufficc: no pre-NMS cap, no box clip": dict(top_k=TOP_K, pre_nms_top_k=None,
+                                                 clip_boxes=False),
+    "mmdet: per-level candidates, empty boxes dropped": dict(
+        top_k=TOP_K, pre_nms_top_k=PRE_NMS_TOP_K, level_sizes=SMALL_LEVELS,
+        drop_empty_boxes=True),
+    "no caps at all": dict(top_k=None, pre_nms_top_k=None),
+}
+
+
+@settings(max_examples=60)
+@given(outputs=raw_outputs(), options=st.sampled_from(list(PEER_OPTIONS)), **detect_thresholds)
+def test_jax_detect_matches_reference_with_each_peers_options(outputs, options, score_threshold,
+                                                              iou_threshold):
+    loc, conf_logits = outputs
+    options = PEER_OPTIONS[options]
+    assume_no_near_ties(loc, conf_logits, score_threshold, iou_threshold,
+                        clip_boxes=options.get("clip_boxes", True))
+    assert_same_detections(
+        jax_detect_unpadded(loc, conf_logits, SMALL_PRIORS, score_threshold, iou_threshold,
+                            **options),
+        reference_nms.detect(loc, conf_logits, SMALL_PRIORS, score_threshold, iou_threshold,
+                             **options))
+
+
+def separate_priors(count: int) -> np.ndarray:
+    """`count` disjoint priors along a row, 0.8 / count wide: NMS keeps every one."""
+    side = 0.8 / count
+    centres = (np.arange(count) + 0.5) / count
+    return np.stack([centres, np.full(count, 0.5), np.full(count, side), np.full(count, 0.1)],
+                    axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("detect", [reference_nms.detect, jax_detect_unpadded],
+                         ids=["reference", "jax"])
+def test_none_lifts_the_pre_nms_and_final_caps(detect):
+    priors = separate_priors(40)
+    conf_logits = np.zeros((40, 3), np.float32)
+    conf_logits[:, 1] = np.linspace(3, 4, 40)  # class 1 confident everywhere
+    conf_logits[:, 2] = 2.5                    # class 2 too, a little less
+    loc = np.zeros((40, 4), np.float32)
+    count = {(pre, top): len(detect(loc, conf_logits, priors, 0.05, 0.45, top_k=top,
+                                    pre_nms_top_k=pre)[1])
+             for pre in (None, 10) for top in (None, 15)}
+    assert count == {(None, None): 80, (None, 15): 15, (10, None): 20, (10, 15): 15}
+
+
+@pytest.mark.parametrize("detect", [reference_nms.detect, jax_detect_unpadded],
+                         ids=["reference", "jax"])
+def test_boxes_beyond_the_image_are_kept_unclipped_or_dropped_when_empty(detect):
+    # Prior 0 hangs over the right edge; prior 1 lies wholly beyond it.
+    priors = np.array([[0.95, 0.5, 0.2, 0.2], [1.3, 0.5, 0.2, 0.2]], np.float32)
+    loc = np.zeros((2, 4), np.float32)
+    conf_logits = np.array([[0, 3], [0, 2]], np.float32)
+    boxes, _, _ = detect(loc, conf_logits, priors, 0.01, 0.45, clip_boxes=False)
+    np.testing.assert_allclose(boxes, [[0.85, 0.4, 1.05, 0.6], [1.2, 0.4, 1.4, 0.6]], atol=1e-6)
+    boxes, _, _ = detect(loc, conf_logits, priors, 0.01, 0.45)
+    np.testing.assert_allclose(boxes, [[0.85, 0.4, 1.0, 0.6], [1.0, 0.4, 1.0, 0.6]], atol=1e-6)
+    boxes, _, _ = detect(loc, conf_logits, priors, 0.01, 0.45, drop_empty_boxes=True)
+    np.testing.assert_allclose(boxes, [[0.85, 0.4, 1.0, 0.6]], atol=1e-6)
+
+
+@pytest.mark.parametrize("detect", [reference_nms.detect, jax_detect_unpadded],
+                         ids=["reference", "jax"])
+def test_per_level_candidates_are_each_maps_best_prior_class_pairs(detect):
+    # Map 1: priors 0..2; map 2: priors 3..4. Two (prior, class) pairs per map enter NMS.
+    priors = separate_priors(5)
+    probs = np.array([[0.1, 0.5, 0.4], [0.1, 0.3, 0.6], [0.2, 0.45, 0.35],
+                      [0.6, 0.2, 0.2], [0.1, 0.1, 0.8]])
+    boxes, scores, labels = detect(np.zeros((5, 4), np.float32), np.log(probs).astype(np.float32),
+                                   priors, 0.15, 0.45, pre_nms_top_k=2, level_sizes=(3, 2))
+    # Map 1's best pairs: (1, class 2) 0.6 and (0, class 1) 0.5; map 2's: (4, 2) 0.8, and of
+    # the tied (3, 1) and (3, 2) at 0.2 the first in prior-major order, (3, 1).
+    np.testing.assert_allclose(scores, [0.8, 0.6, 0.5, 0.2], atol=1e-6)
+    np.testing.assert_array_equal(labels, [2, 2, 1, 1])
+    np.testing.assert_allclose(boxes[:, 0], priors[[4, 1, 0, 3], 0] - priors[0, 2] / 2, atol=1e-6)
+
+
+def test_bad_level_sizes_are_rejected():
+    for detect in (reference_nms.detect, jax_nms.detect):
+        with pytest.raises(ValueError, match="level_sizes"):
+            detect(LOC, LOGITS, SMALL_PRIORS, level_sizes=(36, 3))

@@ -1,7 +1,9 @@
 import itertools
 
 import numpy as np
+import pytest
 
+from reference.resize import resize_image
 from ssd_jax.data.pipeline import make_eval_loader, make_train_loader, pad_targets
 from ssd_jax.data.shapes import ShapesDataset
 
@@ -55,6 +57,13 @@ def test_difficult_objects_are_dropped_unless_kept():
     np.testing.assert_array_equal(dropped["boxes"][1], example["boxes"][3])
     kept = pad_targets(example, 4, keep_difficult=True)
     np.testing.assert_array_equal(kept["labels"], [1, 2, 3, 4])
+
+
+def test_train_loader_keeps_difficult_objects_when_asked():
+    source = [_example(4, difficult=[1, 2])] * 8
+    for keep_difficult, count in ((False, 2), (True, 4)):
+        batch = next(make_train_loader(source, seed=0, keep_difficult=keep_difficult, **LOADER))
+        np.testing.assert_array_equal(batch["mask"].sum(axis=1), count)
 
 
 def test_train_batches_have_static_shapes_and_targets_match_the_source():
@@ -126,6 +135,16 @@ def test_eval_loader_covers_every_example_once_in_order_with_a_padded_last_batch
     last = batches[-1][0]
     assert last["image"].shape == (4, SIZE, SIZE, 3)
     assert not last["image"][2:].any() and not last["mask"][2:].any()
+
+
+@pytest.mark.parametrize("mode", ["opencv", "float"])
+def test_eval_loader_resizes_as_the_checkpoint_says(mode):
+    source = ShapesDataset("validation", num_examples=3, image_size=2 * SIZE)
+    (batch, _), = list(make_eval_loader(source, batch_size=3, max_boxes=6, image_size=SIZE,
+                                        resize=mode))
+    expected = np.stack([resize_image(source[i]["image"], SIZE, mode) for i in range(3)])
+    assert batch["image"].dtype == expected.dtype == (np.float32 if mode == "float" else np.uint8)
+    np.testing.assert_array_equal(batch["image"], expected)
 
 
 def test_worker_processes_give_the_same_batches():

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference.boxes import center_to_corners
-from reference.priors import SSD300, SSD512, PriorConfig, cell_boxes, prior_boxes
+from reference.priors import SSD300, SSD512, PriorConfig, cell_boxes, clip_priors, prior_boxes
 
 
 @pytest.mark.parametrize("config, count", [(SSD300, 8732), (SSD512, 24564)],
@@ -99,3 +99,18 @@ def test_bad_configs_raise_value_error():
         dataclasses.replace(SSD300, aspect_ratios=((2,), (2, -3), (2, 3), (2, 3), (2,), (2,)))
     with pytest.raises(ValueError, match="at least 2"):
         PriorConfig.from_paper(300, (10,), ((2,),))
+
+
+def test_each_clip_mode_keeps_a_prior_beyond_the_border_as_its_peer_does():
+    # SSD300's 10x10 map has centres up to 1.0133; torchvision's last map boxes 1.2304 wide.
+    prior = np.array([[1.0133, 0.5, 1.2304, 0.5]])
+    expected = {
+        "none": [1.0133, 0.5, 1.2304, 0.5],
+        "wh": [1.0133, 0.5, 1.0, 0.5],                  # torchvision: centre untouched
+        "center_form": [1.0, 0.5, 1.0, 0.5],            # ssd.pytorch, lufficc: all four
+        "corners": [(0.3981 + 1) / 2, 0.5, 1 - 0.3981, 0.5],  # corners 0.3981..1.6285 -> ..1
+    }
+    for mode, want in expected.items():
+        np.testing.assert_allclose(clip_priors(prior, mode), [want], atol=1e-6, err_msg=mode)
+    with pytest.raises(ValueError, match="clip must be one of"):
+        dataclasses.replace(SSD300, clip=True)

@@ -30,15 +30,34 @@ def test_learning_rate_warms_up_linearly_then_decays_at_each_step():
                                [0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
-def test_weight_decay_applies_to_kernels_only():
+PARAMS = {"conv": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)},
+          "l2norm": {"scale": np.ones(3, np.float32)}}
+
+
+def _first_update(caffe_param_groups, gradient):
     config = dataclasses.replace(TINY, learning_rate=1.0, warmup_steps=0, momentum=0.0,
-                                 weight_decay=0.5)
+                                 weight_decay=0.5, optimizer="sgd",
+                                 caffe_param_groups=caffe_param_groups)
     tx = train_lib.make_optimizer(config)
-    params = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
-    zeros = jax.tree.map(np.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
-    np.testing.assert_allclose(updates["kernel"], -0.5)
-    np.testing.assert_allclose(updates["bias"], 0.0)
+    grads = jax.tree.map(lambda p: np.full_like(p, gradient), PARAMS)
+    return tx.update(grads, tx.init(PARAMS), PARAMS)[0]
+
+
+def test_weight_decay_applies_to_kernels_only():
+    updates = _first_update(False, 0.0)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.5)
+    np.testing.assert_allclose(updates["conv"]["bias"], 0.0)
+    np.testing.assert_allclose(updates["l2norm"]["scale"], 0.0)
+
+
+def test_caffe_param_groups_decay_all_but_biases_and_double_the_bias_rate():
+    decay = _first_update(True, 0.0)
+    np.testing.assert_allclose(decay["conv"]["kernel"], -0.5)
+    np.testing.assert_allclose(decay["l2norm"]["scale"], -0.5)
+    np.testing.assert_allclose(decay["conv"]["bias"], 0.0)
+    step = _first_update(True, 1.0)  # gradient 1 plus decay 0.5, biases without decay, x2
+    np.testing.assert_allclose(step["conv"]["kernel"], -1.5)
+    np.testing.assert_allclose(step["conv"]["bias"], -2.0)
 
 
 def _run_steps(config, devices, num_steps):
@@ -134,6 +153,18 @@ def test_every_config_field_is_a_flag_overriding_the_preset():
     assert config.model == "ssd_mini" and config.batch_size == 4
     assert config.decay_steps == (10, 20) and config.learning_rate == 0.5
     assert train_voc.parse_config([]).model == "ssd300"
+    assert train_voc.parse_config([]).matching == "bipartite"
+    caffe = train_voc.parse_config(["--matching", "argmax", "--keep-difficult",
+                                    "--caffe-param-groups"])
+    assert caffe.matching == "argmax" and caffe.keep_difficult and caffe.caffe_param_groups
+
+
+def test_unknown_matching_rule_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        train_voc.parse_config(["--matching", "hungarian"])
+    assert "invalid choice: 'hungarian'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="matching"):
+        dataclasses.replace(TINY, matching="hungarian")
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

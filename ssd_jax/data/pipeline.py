@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from reference.augment import resize
+from reference.resize import resize_image as resize_to_input
 
 # Elements of the iterators are whole batches: a few threads, a short queue of ready batches.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -83,21 +83,23 @@ class SkipUnreadable:
                     "difficult": np.zeros(0, bool), "unreadable": True}
 
 
-def resize_image(example: dict, image_size: int) -> dict:
-    """Example with its image resized to [S, S, 3], S = image_size, by the same bilinear
-    resize the training augmentation ends with (`reference.augment.resize`), so evaluation
-    sees what training saw; normalized boxes need no change. An image already of that size
-    is passed through untouched."""
+def resize_image(example: dict, image_size: int, mode: str = "uint8") -> dict:
+    """Example with its image resized to [S, S, 3], S = image_size, by default by the same
+    bilinear resize the training augmentation ends with (`reference.augment.resize`), so
+    evaluation sees what training saw; `mode` names another of `reference.resize`'s (a
+    converted peer's own). Normalized boxes need no change. A uint8 image already of that
+    size is passed through untouched."""
     image = example["image"]
-    if image.shape[:2] == (image_size, image_size):
+    if image.shape[:2] == (image_size, image_size) and mode != "float":
         return example
-    return {**example, "image": resize(image, image_size)}
+    return {**example, "image": resize_to_input(image, image_size, mode)}
 
 
 def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, transform=None,
                       worker_count: int = 0, num_epochs: int | None = None,
                       image_size: int = 128, start_step: int = 0,
-                      shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
+                      shard: tuple[int, int] = (0, 1),
+                      keep_difficult: bool = False) -> grain.DatasetIterator:
     """Shuffled, repeated, augmented training batches.
 
     Args:
@@ -112,6 +114,8 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
       start_step: batches to skip, to resume a run that stopped after `start_step` batches.
       shard: (index, count): read only examples index, index + count, ... of the source, so
         each process of a multi-host run feeds its devices different examples.
+      keep_difficult: train on objects marked difficult too, as the Caffe release does
+        (`train_on_diff_gt`); by default they are dropped, as ssd.pytorch does.
 
     Boxes are clipped to the image first (`clip_boxes`); an example that cannot be read is
     replaced by an empty one (`SkipUnreadable`).
@@ -127,7 +131,8 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
     if transform is not None:
         dataset = dataset.random_map(transform, seed=seed)
     dataset = (dataset.map(functools.partial(resize_image, image_size=image_size))
-               .map(functools.partial(_padded_train_example, max_boxes=max_boxes))
+               .map(functools.partial(_padded_train_example, max_boxes=max_boxes,
+                                      keep_difficult=keep_difficult))
                .batch(batch_size, drop_remainder=True))
     batches = dataset[start_step:].to_iter_dataset(READ_OPTIONS)
     if worker_count > 0:
@@ -139,15 +144,18 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
     return iter(batches)
 
 
-def _padded_train_example(example: dict, max_boxes: int) -> dict:
-    return {**pad_targets(example, max_boxes), "unreadable": example["unreadable"]}
+def _padded_train_example(example: dict, max_boxes: int, keep_difficult: bool) -> dict:
+    return {**pad_targets(example, max_boxes, keep_difficult=keep_difficult),
+            "unreadable": example["unreadable"]}
 
 
-def make_eval_loader(source, *, batch_size: int, max_boxes: int,
-                     image_size: int = 128) -> grain.IterDataset:
-    """Every example once, in source order, in batches of exactly `batch_size`.
+def make_eval_loader(source, *, batch_size: int, max_boxes: int, image_size: int = 128,
+                     resize: str = "uint8") -> grain.IterDataset:
+    """Every example once, in source order, in batches of exactly `batch_size`, the images
+    resized by `resize_image` with mode `resize`.
 
-    Iterating yields (batch, gts). batch: {"image": uint8 [B, S, S, 3], "boxes": [B, G, 4],
+    Iterating yields (batch, gts). batch: {"image": [B, S, S, 3] uint8 (float32 for
+    resize="float"), "boxes": [B, G, 4],
     "labels": [B, G], "mask": [B, G]} as in training (difficult objects dropped) plus "valid":
     bool [B], False for the zero-filled slots that pad the last batch. gts: one dict per valid
     slot with the example's original ground truth {"boxes": float32 [N, 4] corners, "labels":
@@ -155,13 +163,14 @@ def make_eval_loader(source, *, batch_size: int, max_boxes: int,
     the example's "image_id" when the source gives one. The returned dataset can be iterated
     any number of times.
     """
-    to_example = functools.partial(_eval_example, max_boxes=max_boxes, image_size=image_size)
+    to_example = functools.partial(_eval_example, max_boxes=max_boxes, image_size=image_size,
+                                   resize=resize)
     to_batch = functools.partial(_padded_eval_batch, batch_size=batch_size)
     return (grain.MapDataset.source(source).map(to_example)
             .batch(batch_size, batch_fn=to_batch).to_iter_dataset(READ_OPTIONS))
 
 
-def _eval_example(example, *, max_boxes, image_size):
+def _eval_example(example, *, max_boxes, image_size, resize):
     gt = {
         "boxes": np.asarray(example["boxes"], np.float32).reshape(-1, 4),
         "labels": np.asarray(example["labels"], np.int32),
@@ -170,7 +179,7 @@ def _eval_example(example, *, max_boxes, image_size):
     }
     if "image_id" in example:
         gt["image_id"] = example["image_id"]
-    return pad_targets(resize_image(example, image_size), max_boxes), gt
+    return pad_targets(resize_image(example, image_size, resize), max_boxes), gt
 
 
 def _padded_eval_batch(items, *, batch_size):
