@@ -34,6 +34,7 @@ from ssd_jax import inference
 from ssd_jax.checkpoint import checkpoints_folder, load_model
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
 from ssd_jax.evaluation import evaluate_source, format_ap_table
+from ssd_jax.flags import non_negative_int, positive_int, show_warnings_plainly
 from ssd_jax.plots import plot_precision_recall
 
 METRIC_NAMES = {True: "VOC2007 11-point", False: "VOC2010+ area"}
@@ -93,14 +94,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset", choices=DATASETS, default="voc")
     parser.add_argument("--data-dir", default="", help="VOCdevkit folder or TFDS data dir")
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-examples", type=int, default=0,
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--eval-examples", type=non_negative_int, default=0,
                         help="evaluate only the first this many examples (0: all)")
     parser.add_argument("--area-metric", action="store_true",
                         help="VOC2010+ area under the PR curve instead of VOC2007 11-point")
     parser.add_argument("--out", default=None,
                         help="output folder (default: eval/ in the training run's folder)")
     args = parser.parse_args(argv)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"argument --out: {args.out} is a file, not a folder")
+    show_warnings_plainly()
 
     try:
         loaded = load_model(args.checkpoint, args.step)

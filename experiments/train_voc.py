@@ -7,10 +7,12 @@ flag that overrides it. Run with --help for the list.
 import argparse
 import sys
 
+from ssd_jax.checkpoint import DamagedCheckpointError
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
-from ssd_jax.flags import add_config_flags, config_from_args
 from ssd_jax.evaluation import format_ap_table
-from ssd_jax.train import TrainConfig, model_config, train
+from ssd_jax.flags import ConfigError, add_config_flags, config_from_args, usage_error
+from ssd_jax.sharding import check_batch_size, data_mesh
+from ssd_jax.train import RunMismatchError, TrainConfig, model_config, train
 
 PRESETS = {
     # The paper's SSD300 on VOC07+12: 77.2 mAP (SSD300*) in the paper. Grain worker
@@ -26,18 +28,29 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None) -> TrainConfig:
+def make_parser(argv=None) -> argparse.ArgumentParser:
+    """The flags of `--dataset`'s preset (read first from argv)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", choices=DATASETS, default="voc")
     dataset = pre.parse_known_args(argv)[0].dataset
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, PRESETS[dataset])
-    return config_from_args(TrainConfig, parser.parse_args(argv))
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = make_parser(argv)
+    return config_from_args(TrainConfig, parser.parse_args(argv), parser)
 
 
 def main(argv=None) -> None:
-    config = parse_config(argv)
+    parser = make_parser(argv)
+    config = config_from_args(TrainConfig, parser.parse_args(argv), parser)
+    try:
+        check_batch_size(config.batch_size, data_mesh())
+    except ValueError as error:
+        usage_error(parser, "batch_size", str(error).removeprefix("batch_size "))
     image_size = model_config(config, num_classes=1).priors.image_size
     try:
         train_source, eval_source, class_names = get_sources(
@@ -45,7 +58,12 @@ def main(argv=None) -> None:
             eval_examples=config.eval_examples, seed=config.seed, data_dir=config.data_dir)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
-    result = train(config, train_source, eval_source, class_names)
+    try:
+        result = train(config, train_source, eval_source, class_names)
+    except ConfigError as error:  # a flag that does not fit the checkpoint in --workdir
+        usage_error(parser, error.field, error.problem)
+    except (DamagedCheckpointError, RunMismatchError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
     print(format_ap_table(result, class_names))
     print(f"wrote {config.workdir}/metrics.jsonl, loss_curve.png, eval.json and checkpoints/")
 

@@ -9,11 +9,9 @@ positive boxes; L_conf (eq. 3) is the softmax cross-entropy of the positives and
 of the negatives kept by hard negative mining: per image, the negatives with the
 highest background loss, at most `neg_pos_ratio` (3 in the paper) per positive.
 """
-import numbers
-
 import numpy as np
 
-from reference.validation import check_array, check_labels
+from reference.validation import check_multibox_inputs
 
 
 def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, alpha=1.0) -> dict:
@@ -87,28 +85,3 @@ def log_softmax(logits) -> np.ndarray:
     """log softmax over the last axis, shifted by the max so exp never overflows."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def check_multibox_inputs(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha):
-    """Validates multibox_loss's arguments (also used by ssd_jax.loss); returns NumPy arrays."""
-    conf_logits = check_array(conf_logits, "conf_logits", shape=(None, None, None))
-    batch, num_priors, num_logits = conf_logits.shape
-    if num_logits < 2:
-        raise ValueError(f"conf_logits needs C + 1 >= 2 entries (background and at least one "
-                         f"class) on its last axis, got shape {conf_logits.shape}")
-    loc_pred = check_array(loc_pred, "loc_pred", shape=(batch, num_priors, 4))
-    loc_target = check_array(loc_target, "loc_target", shape=(batch, num_priors, 4))
-    labels = check_labels(labels, "labels", shape=(batch, num_priors),
-                          num_classes=num_logits - 1, allow_background=True)
-    check_neg_pos_ratio(neg_pos_ratio)
-    if not (np.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
-    return loc_pred, conf_logits, loc_target, labels
-
-
-def check_neg_pos_ratio(neg_pos_ratio) -> int:
-    """Checks the negatives-per-positive count: an integer >= 0 (3 and 3.0 both pass)."""
-    if (isinstance(neg_pos_ratio, bool) or not isinstance(neg_pos_ratio, numbers.Real)
-            or not float(neg_pos_ratio).is_integer() or neg_pos_ratio < 0):
-        raise ValueError(f"neg_pos_ratio must be an integer >= 0, got {neg_pos_ratio!r}")
-    return int(neg_pos_ratio)

@@ -37,7 +37,8 @@ import numpy as np
 
 from reference.boxes import center_to_corners, iou
 from reference.encoding import check_priors, encode
-from reference.validation import check_boxes, check_labels, check_threshold
+from reference.validation import (check_boxes, check_labels, check_padded_ground_truth,
+                                  check_threshold)
 
 RULES = ("bipartite", "argmax")
 
@@ -147,31 +148,3 @@ def build_targets(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5,
         loc_targets.append(encode(matched_boxes, priors, variances))
         labels.append(image_labels)
     return np.stack(loc_targets), np.stack(labels)
-
-
-def check_padded_ground_truth(gt_boxes, gt_labels, gt_mask, *, batch_dims: int,
-                              num_classes=None):
-    """Checks ground truth padded to G slots: [*batch, G, 4] boxes, [*batch, G] labels and mask.
-
-    Only rows where gt_mask is True must be valid ground truth (strict boxes,
-    labels in 1..C); padded rows need only be finite. Error messages index the
-    full padded arrays. Returns (gt_boxes, gt_labels, gt_mask) as NumPy arrays.
-    """
-    gt_boxes = check_boxes(gt_boxes, "gt_boxes", batch_dims=batch_dims)
-    slots = gt_boxes.shape[:-1]
-    gt_mask = np.asarray(gt_mask)
-    if gt_mask.shape != slots:
-        raise ValueError(f"gt_mask must have shape {slots} like gt_boxes[..., 0], "
-                         f"got {gt_mask.shape}")
-    if gt_mask.dtype != bool and not np.all((gt_mask == 0) | (gt_mask == 1)):
-        raise ValueError(f"gt_mask must be boolean, got dtype {gt_mask.dtype}")
-    gt_mask = gt_mask.astype(bool)
-    # Stand-ins for padded rows so that the checks see only real ground truth.
-    unit_box = np.array([0.0, 0.0, 1.0, 1.0])
-    check_boxes(np.where(gt_mask[..., None], gt_boxes, unit_box), "gt_boxes",
-                batch_dims=batch_dims, strict=True)
-    gt_labels = np.asarray(gt_labels)
-    if gt_labels.shape == slots:
-        gt_labels = np.where(gt_mask, gt_labels, 1)
-    gt_labels = check_labels(gt_labels, "gt_labels", shape=slots, num_classes=num_classes)
-    return gt_boxes, gt_labels, gt_mask

@@ -14,7 +14,7 @@ image before NMS (as torchvision and mmdetection do), where Caffe decodes with
 import numpy as np
 
 from reference.boxes import iou
-from reference.encoding import decode
+from reference.encoding import check_priors, decode
 from reference.loss import log_softmax
 from reference.validation import check_array, check_boxes, check_positive_int, check_threshold
 
@@ -58,7 +58,7 @@ def check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold
 
     Returns (loc, conf_logits, priors) as NumPy arrays.
     """
-    priors = check_array(priors, "priors", shape=(None, 4))
+    priors = check_priors(priors)
     batch = np.shape(loc)[:batch_dims]
     loc = check_array(loc, "loc", shape=(*batch, len(priors), 4))
     conf_logits = check_array(conf_logits, "conf_logits", shape=(*batch, len(priors), None))

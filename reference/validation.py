@@ -4,6 +4,8 @@ Every check raises ValueError with a message that names the argument and, where
 there is one, the offending entry, so bad input never becomes a silent wrong
 answer or a crash deep inside XLA.
 """
+import numbers
+
 import numpy as np
 
 
@@ -61,6 +63,68 @@ def check_array(x, name: str, *, shape: tuple, finite: bool = True) -> np.ndarra
     if finite:
         _check_finite(x, name)
     return x
+
+
+def check_padded_ground_truth(gt_boxes, gt_labels, gt_mask, *, batch_dims: int,
+                              num_classes=None):
+    """Checks ground truth padded to G slots: [*batch, G, 4] boxes, [*batch, G] labels and mask.
+
+    Only rows where gt_mask is True must be valid ground truth (strict boxes,
+    labels in 1..C); padded rows need only be finite. Error messages index the
+    full padded arrays. Returns (gt_boxes, gt_labels, gt_mask) as NumPy arrays.
+    """
+    gt_boxes = check_boxes(gt_boxes, "gt_boxes", batch_dims=batch_dims)
+    slots = gt_boxes.shape[:-1]
+    gt_mask = np.asarray(gt_mask)
+    if gt_mask.shape != slots:
+        raise ValueError(f"gt_mask must have shape {slots} like gt_boxes[..., 0], "
+                         f"got {gt_mask.shape}")
+    gt_mask = check_mask(gt_mask, "gt_mask")
+    # Stand-ins for padded rows so that the checks see only real ground truth.
+    unit_box = np.array([0.0, 0.0, 1.0, 1.0])
+    check_boxes(np.where(gt_mask[..., None], gt_boxes, unit_box), "gt_boxes",
+                batch_dims=batch_dims, strict=True)
+    gt_labels = np.asarray(gt_labels)
+    if gt_labels.shape == slots:
+        gt_labels = np.where(gt_mask, gt_labels, 1)
+    gt_labels = check_labels(gt_labels, "gt_labels", shape=slots, num_classes=num_classes)
+    return gt_boxes, gt_labels, gt_mask
+
+
+def check_multibox_inputs(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha):
+    """Validates `multibox_loss`'s arguments (reference and JAX); returns NumPy arrays."""
+    conf_logits = check_array(conf_logits, "conf_logits", shape=(None, None, None))
+    batch, num_priors, num_logits = conf_logits.shape
+    if num_logits < 2:
+        raise ValueError(f"conf_logits needs C + 1 >= 2 entries (background and at least one "
+                         f"class) on its last axis, got shape {conf_logits.shape}")
+    loc_pred = check_array(loc_pred, "loc_pred", shape=(batch, num_priors, 4))
+    loc_target = check_array(loc_target, "loc_target", shape=(batch, num_priors, 4))
+    labels = check_labels(labels, "labels", shape=(batch, num_priors),
+                          num_classes=num_logits - 1, allow_background=True)
+    check_neg_pos_ratio(neg_pos_ratio)
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
+    return loc_pred, conf_logits, loc_target, labels
+
+
+def check_neg_pos_ratio(neg_pos_ratio) -> int:
+    """Checks the negatives-per-positive count: an integer >= 0 (3 and 3.0 both pass)."""
+    if (isinstance(neg_pos_ratio, bool) or not isinstance(neg_pos_ratio, numbers.Real)
+            or not float(neg_pos_ratio).is_integer() or neg_pos_ratio < 0):
+        raise ValueError(f"neg_pos_ratio must be an integer >= 0, got {neg_pos_ratio!r}")
+    return int(neg_pos_ratio)
+
+
+def check_mask(mask, name: str) -> np.ndarray:
+    """Checks a validity mask: booleans, or integers / floats that are all 0 or 1."""
+    mask = np.asarray(mask)
+    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.number)
+                                   and np.all((mask == 0) | (mask == 1))):
+        raise ValueError(f"{name} must be boolean (or 0/1), got dtype {mask.dtype}"
+                         + (f" with values {np.unique(mask)[:5].tolist()}"
+                            if np.issubdtype(mask.dtype, np.number) else ""))
+    return mask.astype(bool)
 
 
 def check_threshold(value: float, name: str) -> float:

@@ -3,18 +3,42 @@ record of everything that defines the detector (`checkpoint_meta`), so that a ch
 alone rebuilds it (`load_model`). Loading needs nothing of the training stack.
 
 A checkpoint directory holds orbax step folders <step>/state (arrays) and <step>/meta (JSON).
+
+A step folder that cannot be read back (a file deleted or cut short) or that holds
+non-finite numbers is damaged. Loading the latest checkpoint skips damaged steps for the
+newest intact one and says so (`load_newest_intact`); loading a given step raises one
+`DamagedCheckpointError` naming it.
 """
+import contextlib
 import dataclasses
+import gc
 import json
+import logging
+import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from reference.priors import PriorConfig
 from ssd_jax.inference import InferenceConfig
 from ssd_jax.model import SSD, Conv, MaxPool, ModelConfig, get_config
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step that cannot be used; the message names the step and why."""
+
+    def __init__(self, directory, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: {reason}")
+        self.step, self.reason = step, reason
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A damaged newer checkpoint step was skipped for an older intact one."""
 
 
 def checkpoint_manager(directory, *, max_to_keep: int = 3, read_only: bool = False):
@@ -31,25 +55,124 @@ def save(manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
 
 def restore(manager: ocp.CheckpointManager, target_state, step: int | None = None):
     """Restores (state, meta) at `step` (default: latest) into the structure,
-    shapes and shardings of `target_state` (concrete or abstract arrays)."""
+    shapes and shardings of `target_state` (concrete or abstract arrays).
+    Raises DamagedCheckpointError if the step cannot be read or holds non-finite values."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    with reading(manager.directory, step):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    check_finite(restored["state"], manager.directory, step)
     return restored["state"], restored["meta"]
 
 
 def load_meta(directory, step: int | None = None) -> dict:
     """The JSON record of a checkpoint directory, with a clear error if there is none."""
+    step = checkpoint_steps(directory)[0] if step is None else step
+    manager = checkpoint_manager(directory, read_only=True)
+    with reading(directory, step):
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def checkpoint_steps(directory) -> list[int]:
+    """The saved steps of a checkpoint directory, newest first (FileNotFoundError if none)."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    manager = checkpoint_manager(directory, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(checkpoint_manager(directory, read_only=True).all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f"{directory} holds no checkpoint (expected orbax step folders)")
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return steps
+
+
+@contextlib.contextmanager
+def reading(directory, step: int):
+    """Turns the errors of reading a torn or partly deleted step (orbax's and TensorStore's
+    OSError, ValueError, KeyError, JSON errors) into one DamagedCheckpointError naming it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as error:
+        _discard_failed_reads()
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DamagedCheckpointError(directory, step, reason[:300]) from None
+
+
+def _discard_failed_reads() -> None:
+    """Collects the array reads a failed restore abandoned, quietly: each would otherwise
+    print its own TensorStore traceback when collected ("Exception ignored in <coroutine ...>",
+    asyncio's "Task exception was never retrieved")."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    asyncio_log = logging.getLogger("asyncio")
+    level = asyncio_log.level
+    asyncio_log.setLevel(logging.CRITICAL)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = _without_closed_loop_callbacks(hook)
+        asyncio_log.setLevel(level)
+
+
+def _without_closed_loop_callbacks(hook):
+    """`hook` (an unraisable-exception hook) ignoring the "Event loop is closed" errors of
+    TensorStore reads that a failed restore abandoned: they finish later, on their own
+    threads, and call back into orbax's closed event loop. Everything else goes to `hook`."""
+    if getattr(hook, "ignores_closed_loop_callbacks", False):
+        return hook
+
+    def filtered(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    filtered.ignores_closed_loop_callbacks = True
+    return filtered
+
+
+def check_finite(tree, directory, step: int) -> None:
+    """Raises DamagedCheckpointError if an array of `tree` holds NaN or infinity."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # the train state is replicated: any copy will do
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+            raise DamagedCheckpointError(
+                directory, step, f"{jax.tree_util.keystr(path)} holds non-finite values "
+                "(saved by a diverged run)")
+
+
+def load_newest_intact(directory, load_step, step: int | None = None):
+    """`load_step(step)` of the given step, or (step None) of the newest step it loads
+    without DamagedCheckpointError; each damaged newer step is reported by a
+    DamagedCheckpointWarning. Raises the given step's error, or one naming every damaged step
+    when no step is intact."""
+    if step is not None:
+        return load_step(step)
+    errors = []
+    for candidate in checkpoint_steps(directory):
+        try:
+            result = load_step(candidate)
+        except DamagedCheckpointError as error:
+            errors.append(error)
+            continue
+        for error in errors:
+            warnings.warn(f"{error}; using step {candidate}, the newest intact one",
+                          DamagedCheckpointWarning, stacklevel=2)
+        return result
+    raise DamagedCheckpointError(directory, errors[-1].step, "; ".join(
+        f"step {error.step}: {error.reason}" for error in errors) + " (no intact step left)")
+
+
+def set_aside(directory, step: int) -> Path:
+    """Moves a damaged step folder out of the checkpoint directory, to
+    <directory>_damaged/<step>, so a resumed run can save that step again. Returns the new path."""
+    directory = Path(directory)
+    target = directory.with_name(directory.name + "_damaged") / str(step)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(directory / str(step), target)
+    return target
 
 
 # --- What a checkpoint records, and rebuilding its model from that record alone. ---
@@ -171,13 +294,18 @@ def load_model(directory, step: int | None = None) -> LoadedModel:
 
     The model is built from the stored ModelConfig (version 1 records: from the stored training
     preset) and only its weights are read (not a training run's optimizer state). `step`
-    defaults to the latest. Raises FileNotFoundError if there is no checkpoint, ValueError if
-    the record is not one this version understands or its geometry does not fit the stored
-    weights (naming the first array that differs).
+    defaults to the newest intact step (damaged newer steps are skipped with a
+    DamagedCheckpointWarning). Raises FileNotFoundError if there is no checkpoint,
+    DamagedCheckpointError if the step (or every step) is damaged, ValueError if the record is
+    not one this version understands or its geometry does not fit the stored weights (naming
+    the first array that differs).
     """
     directory = checkpoints_folder(directory)
+    return load_newest_intact(directory, lambda step: _load_model_step(directory, step), step)
+
+
+def _load_model_step(directory: Path, step: int) -> LoadedModel:
     meta = load_meta(directory, step)
-    step = checkpoint_manager(directory, read_only=True).latest_step() if step is None else step
     try:
         if "format_version" not in meta:
             config, label_ids, settings = _model_config_of_v1(meta), None, InferenceConfig()
@@ -197,12 +325,21 @@ def load_model(directory, step: int | None = None) -> LoadedModel:
     abstract = nnx.eval_shape(lambda: SSD(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     state_path = directory / str(step) / "state"
-    _check_stored_shapes(state_path, {"params": params, "rest": rest})
+    with reading(directory, step):
+        stored = ocp.PyTreeCheckpointer().metadata(state_path).item_metadata
+    if stored is None:  # orbax logs why and returns nothing
+        _discard_failed_reads()
+        raise DamagedCheckpointError(directory, step, f"the array metadata in {state_path} "
+                                     "cannot be read")
+    stored = stored.tree
+    _check_stored_shapes(state_path, stored, {"params": params, "rest": rest})
     target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params),
               "rest": jax.tree.map(ocp.utils.to_shape_dtype_struct, rest)}
-    restored = ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    with reading(directory, step):
+        restored = ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    check_finite(restored, directory, step)
     model = nnx.merge(graphdef, restored["params"], restored["rest"])
     return LoadedModel(model=model, config=config, class_names=tuple(class_names),
                        label_ids=tuple(label_ids), inference=settings, meta=meta, step=step)
@@ -219,9 +356,9 @@ def _leaf_shapes(tree, prefix: tuple = ()) -> dict[str, tuple]:
     return shapes
 
 
-def _check_stored_shapes(state_path: Path, expected: dict) -> None:
-    """Raises ValueError naming the first array whose stored shape the model lacks or differs."""
-    stored = ocp.PyTreeCheckpointer().metadata(state_path).item_metadata.tree
+def _check_stored_shapes(state_path: Path, stored, expected: dict) -> None:
+    """Raises ValueError naming the first array whose stored shape (`stored`: the step's orbax
+    metadata tree) the model lacks or differs."""
     stored = _leaf_shapes({key: stored[key] for key in expected if key in stored})
     for name, shape in _leaf_shapes(expected).items():
         if stored.get(name) != shape:

@@ -13,7 +13,8 @@ writes to OUT, for every readable image among the inputs (files, and the files o
                    "file_name", "width", "height", "source" (input path)}], "categories":
                    [{"id", "name"}]}, so pycocotools loads them with
                    `COCO("images.json").loadRes("detections.json")`.
-Unreadable files are reported on stderr and skipped.
+Unreadable and missing files are reported on stderr and skipped. OUT must be a new or empty
+folder unless --overwrite is given.
 """
 import argparse
 import itertools
@@ -25,6 +26,7 @@ import absl.logging
 from tqdm.auto import tqdm
 
 from ssd_jax.detector import Detector, draw_detections, load_image
+from ssd_jax.flags import positive_int, show_warnings_plainly, unit_interval
 
 # Shows what the model is fairly sure of without hiding many true objects. The detections
 # themselves go down to the checkpoint's score threshold (0.01, the paper's section 3.7, for
@@ -42,23 +44,28 @@ def main(argv=None) -> int:
     detect.add_argument("--checkpoint", required=True,
                         help="a training run's folder (or its checkpoints/ folder)")
     detect.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    detect.add_argument("--out", required=True, type=Path, help="output folder")
-    detect.add_argument("--display-threshold", type=float, default=DEFAULT_DISPLAY_THRESHOLD,
+    detect.add_argument("--out", required=True, type=Path,
+                        help="output folder: new or empty, unless --overwrite")
+    detect.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files (same names are replaced)")
+    detect.add_argument("--display-threshold", type=unit_interval,
+                        default=DEFAULT_DISPLAY_THRESHOLD,
                         help="draw only detections scoring above this (default "
                              f"{DEFAULT_DISPLAY_THRESHOLD}); detections.json has them all")
-    detect.add_argument("--score-threshold", type=float, default=None,
+    detect.add_argument("--score-threshold", type=unit_interval, default=None,
                         help="minimum class probability of a detection (default: the "
                              "checkpoint's, 0.01 for training runs and most peers)")
-    detect.add_argument("--iou-threshold", type=float, default=None,
+    detect.add_argument("--iou-threshold", type=unit_interval, default=None,
                         help="per-class NMS overlap threshold (default: the checkpoint's, 0.45)")
-    detect.add_argument("--top-k", type=int, default=None,
+    detect.add_argument("--top-k", type=positive_int, default=None,
                         help="most detections per image (default: the checkpoint's)")
-    detect.add_argument("--batch-size", type=int, default=8,
+    detect.add_argument("--batch-size", type=positive_int, default=8,
                         help="images per compiled call (default 8)")
     args = parser.parse_args(argv)
-    if not 0 <= args.display_threshold <= 1:
-        parser.error(f"--display-threshold must be in [0, 1], got {args.display_threshold}")
+    if args.out.exists() and not args.out.is_dir():
+        detect.error(f"argument --out: {args.out} is a file, not a folder")
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on read-only checkpoints
+    show_warnings_plainly()
     return run_detect(args)
 
 
@@ -70,10 +77,14 @@ def run_detect(args: argparse.Namespace) -> int:
                                             batch_size=args.batch_size, **overrides)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
-    files = list_inputs(args.inputs)
+    files, missing = list_inputs(args.inputs)
     if any(path.resolve().parent == args.out.resolve() for path in files):
         sys.exit(f"error: --out {args.out} holds input images, which annotated images of the "
                  "same name would overwrite: choose another folder")
+    if args.out.is_dir() and not args.overwrite and any(args.out.iterdir()):
+        sys.exit(f"error: --out {args.out} already holds files ({_listing(args.out)}), which "
+                 "this run's files of the same name would replace: choose a new or empty "
+                 "folder, or pass --overwrite")
     args.out.mkdir(parents=True, exist_ok=True)
     images, results, output_names = [], [], set()
     readable = _readable_images(tqdm(files, desc="detect", unit="image"))
@@ -93,16 +104,16 @@ def run_detect(args: argparse.Namespace) -> int:
         {"images": images, "categories": categories}, indent=1))
     (args.out / "detections.json").write_text(json.dumps(results))
     print(f"{len(results)} detections in {len(images)} images written to {args.out} "
-          f"({len(files) - len(images)} unreadable files skipped)")
+          f"({len(files) - len(images)} unreadable and {missing} missing inputs skipped)")
     if not images:
         sys.exit("error: none of the inputs is a readable image")
     return 0
 
 
-def list_inputs(inputs) -> list[Path]:
-    """The given files, and the files (not hidden, not in subfolders) of the given folders,
-    sorted by name. Missing paths are reported on stderr and left out."""
-    files = []
+def list_inputs(inputs) -> tuple[list[Path], int]:
+    """(The given files, and the files (not hidden, not in subfolders) of the given folders,
+    sorted by name; the number of missing paths, which are reported on stderr)."""
+    files, missing = [], 0
     for name in map(Path, inputs):
         if name.is_dir():
             files += sorted(p for p in name.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -110,7 +121,14 @@ def list_inputs(inputs) -> list[Path]:
             files.append(name)
         else:
             print(f"skipped {name}: no such file or folder", file=sys.stderr)
-    return files
+            missing += 1
+    return files, missing
+
+
+def _listing(folder: Path, count: int = 3) -> str:
+    names = sorted(path.name for path in folder.iterdir())
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count
+                                       else "")
 
 
 def above(detections: dict, threshold: float) -> dict:

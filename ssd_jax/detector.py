@@ -19,21 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from ssd_jax.data.resize import resize_image
 from reference.validation import check_positive_int
 from ssd_jax import inference
 from ssd_jax.checkpoint import load_model
+from ssd_jax.data.images import decode_image, read_image, to_rgb
 from ssd_jax.inference import InferenceConfig
+from ssd_jax.model import SSD
 
 
 class Detector:
     """A trained SSD as a function from images to detections.
 
-    Calling it with one image (a file path, a PIL image or a uint8 array [H, W, 3]; grayscale
-    [H, W] and RGBA [H, W, 4] are converted to RGB) returns one dict; a list of images (or a
-    uint8 array [N, H, W, 3]) returns a list of dicts, in order:
+    Calling it with one image (a file path, image file bytes, a PIL image of any mode or a uint8
+    array [H, W, 3]; grayscale [H, W] and RGBA [H, W, 4] are converted to RGB) returns one dict;
+    a list of images (or a uint8 array [N, H, W, 3]) returns a list of dicts, in order:
 
       boxes: [K, 4] float32 corners (xmin, ymin, xmax, ymax) in pixels of the ORIGINAL image
         (within it when the settings clip boxes).
@@ -60,6 +62,9 @@ class Detector:
             padding when fewer images are given.
           setting_overrides: fields of `settings` to replace, e.g. score_threshold=0.3.
         """
+        if not isinstance(model, SSD):
+            raise ValueError(f"model must be an ssd_jax.model.SSD (or use "
+                             f"Detector.from_checkpoint), got {type(model).__name__}")
         if len(class_names) != model.config.num_classes:
             raise ValueError(f"the model has {model.config.num_classes} classes but "
                              f"{len(class_names)} class names were given")
@@ -94,7 +99,8 @@ class Detector:
     def from_checkpoint(cls, path, *, step: int | None = None, batch_size: int = 8,
                         **setting_overrides) -> "Detector":
         """The detector of a checkpoint: a training run's folder (or its checkpoints/ folder) or
-        a converted peer's (`experiments.convert_ssd`); `step` defaults to the latest. Class
+        a converted peer's (`experiments.convert_ssd`); `step` defaults to the newest intact one
+        (damaged newer steps are skipped with a warning). Class
         names, label space and inference settings come from the checkpoint, so a converted
         checkpoint gives its peer's own detections; `setting_overrides` replace settings (e.g.
         score_threshold=0.3). Raises FileNotFoundError if there is no checkpoint and
@@ -141,8 +147,12 @@ class Detector:
 
 
 def _is_single_image(images) -> bool:
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)):
         return True
+    if images is None or not isinstance(images, (list, tuple, np.ndarray, jax.Array)):
+        raise ValueError("images must be an image (a file path, image file bytes, a PIL image "
+                         "or a uint8 array) or a list of them, got "
+                         f"{type(images).__name__}")
     return isinstance(images, (np.ndarray, jax.Array)) and images.ndim <= 3
 
 
@@ -150,21 +160,30 @@ def load_image(image, name: str | None = None) -> np.ndarray:
     """One image as uint8 [H, W, 3] RGB.
 
     Args:
-      image: a file path, a PIL image (any mode), or a uint8 array [H, W, 3], [H, W, 4] (RGBA:
-        alpha dropped) or [H, W] / [H, W, 1] (grayscale).
+      image: a file path, the bytes of an image file, a PIL image (any mode, converted as
+        `ssd_jax.data.images.to_rgb` says: 16-bit grey scaled, alpha dropped), or a uint8 array
+        [H, W, 3], [H, W, 4] (RGBA: alpha dropped) or [H, W] / [H, W, 1] (grayscale).
       name: what error messages call the image, e.g. "images[3]" (a file is named by its path).
+    Raises ValueError naming the image if it is none of these or cannot be decoded.
     """
+    prefix = f"{name}: " if name else ""
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
-                return np.asarray(opened.convert("RGB"))
+            return read_image(image)
+        except OSError as error:
+            raise ValueError(f"{prefix}{error}") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            return decode_image(bytes(image))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            prefix = f"{name}: " if name else ""
-            raise ValueError(f"{prefix}cannot read image file {os.fspath(image)!r}: "
-                             f"{_reason(error)}") from None
+            raise ValueError(f"{prefix}the {len(image)} bytes given are not an image file "
+                             f"Pillow can read ({error})") from None
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return to_rgb(image)
     name = name or "image"
+    if not isinstance(image, (np.ndarray, jax.Array)):
+        raise ValueError(f"{name} must be a file path, image file bytes, a PIL image or a uint8 "
+                         f"array, got {type(image).__name__}")
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"{name} must hold uint8 pixels (0..255), got dtype {array.dtype}")
@@ -177,15 +196,6 @@ def load_image(image, name: str | None = None) -> np.ndarray:
     if channels == 3:
         return array
     return np.asarray(Image.fromarray(array).convert("RGB"))
-
-
-def _reason(error: Exception) -> str:
-    """Why a file could not be read, without repeating its path."""
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image format Pillow knows"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror  # e.g. "No such file or directory"
-    return str(error)
 
 
 def class_colour(label: int) -> tuple[int, int, int]:

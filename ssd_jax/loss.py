@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from reference.loss import check_multibox_inputs, check_neg_pos_ratio
-from ssd_jax._validation import is_concrete
+from reference.validation import check_multibox_inputs, check_neg_pos_ratio
+from ssd_jax._validation import Shapes, check_scalar, is_concrete
 
 
 def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, alpha=1.0) -> dict:
@@ -32,14 +32,26 @@ def multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio=3, al
       with zero, finite gradients. Differentiable w.r.t. loc_pred and
       conf_logits; the choice of negatives is not differentiated.
 
-    Concrete inputs are validated as in the reference (ValueError); inside jit
-    the checks are skipped.
+    Shapes and dtypes are checked on every call, under jit too; concrete inputs
+    are also validated as in the reference (ValueError: non-finite values,
+    labels out of range or not integers). Inside jit those value checks are
+    skipped; labels are cast to int32. Python lists are accepted.
     """
     # neg_pos_ratio is a static Python number, so it is checked even under jit.
     neg_pos_ratio = check_neg_pos_ratio(neg_pos_ratio)
+    shapes = Shapes()
+    conf_logits = shapes.check("conf_logits", conf_logits, "B P K")
+    if shapes.size("K") < 2:
+        raise ValueError(f"conf_logits needs C + 1 >= 2 entries (background and at least one "
+                         f"class) on its last axis, got shape {conf_logits.shape}")
+    loc_pred = shapes.check("loc_pred", loc_pred, "B P 4")
+    loc_target = shapes.check("loc_target", loc_target, "B P 4")
+    labels = shapes.check("labels", labels, "B P", kind="int")
+    check_scalar("alpha", alpha)
     if is_concrete(loc_pred, conf_logits, loc_target, labels, alpha):
         check_multibox_inputs(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha)
-    return _multibox_loss(loc_pred, conf_logits, loc_target, labels, neg_pos_ratio, alpha)
+    return _multibox_loss(loc_pred, conf_logits, loc_target, labels.astype(jnp.int32),
+                          neg_pos_ratio, alpha)
 
 
 @functools.partial(jax.jit, static_argnames="neg_pos_ratio")

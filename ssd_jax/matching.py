@@ -20,8 +20,9 @@ chain of gts taking each other's best priors (1 without conflicts).
 Ground truth is padded to G slots with a boolean mask: padded slots never
 claim a prior and are never matched. Static shapes, no Python loops over
 boxes; `build_targets` is `match` + `encode` vmapped over the batch. Public
-functions run the reference's input checks on concrete inputs (ValueError);
-under jit they skip them.
+functions check shapes and dtypes on every call, under jit too, and run the
+reference's value checks on concrete inputs (ValueError); under jit those are
+skipped: a mask of integers counts every nonzero entry as real ground truth.
 """
 import functools
 
@@ -29,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from reference import encoding as reference_encoding
-from reference import matching as reference_matching
 from reference.matching import check_rule
-from reference.validation import check_threshold
-from ssd_jax._validation import is_concrete
+from reference.validation import check_padded_ground_truth, check_threshold
+from ssd_jax._validation import Shapes, check_not_empty, check_scalar, is_concrete
 from ssd_jax.boxes import center_to_corners, iou_with_rows
 from ssd_jax.encoding import encode
 
@@ -63,11 +63,8 @@ def match(gt_boxes, gt_labels, priors, iou_threshold=0.5, *, gt_mask=None, rule=
     """
     if gt_mask is None:
         gt_mask = jnp.ones(jnp.shape(gt_boxes)[:1], dtype=bool)
-    if is_concrete(gt_boxes, gt_labels, gt_mask, priors, iou_threshold):
-        reference_matching.check_padded_ground_truth(
-            gt_boxes, gt_labels, gt_mask, batch_dims=0, num_classes=num_classes)
-        reference_encoding.check_priors(priors)
-        check_threshold(iou_threshold, "iou_threshold")
+    gt_boxes, gt_labels, gt_mask, priors = _checked_inputs(
+        gt_boxes, gt_labels, gt_mask, priors, iou_threshold, num_classes, batch_dims=0)
     check_rule(rule)
     return _match(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, _used_slots(gt_mask),
                   rule=rule)
@@ -88,15 +85,11 @@ def build_targets(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5,
       loc_target: [B, P, 4] float32 offsets, 0 for background priors.
       labels: [B, P] int32, 0 for background.
     """
-    if is_concrete(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, variances):
-        reference_matching.check_padded_ground_truth(
-            gt_boxes, gt_labels, gt_mask, batch_dims=1, num_classes=num_classes)
-        reference_encoding.check_priors(priors)
+    gt_boxes, gt_labels, gt_mask, priors = _checked_inputs(
+        gt_boxes, gt_labels, gt_mask, priors, iou_threshold, num_classes, batch_dims=1)
+    if is_concrete(variances):
         reference_encoding.check_variances(variances)
-        check_threshold(iou_threshold, "iou_threshold")
     check_rule(rule)
-
-    gt_mask = jnp.asarray(gt_mask, bool)
     used_slots = _used_slots(gt_mask)  # of the whole batch: one loop bound, not a batched one
 
     def one_image(boxes, labels, mask):
@@ -104,7 +97,27 @@ def build_targets(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5,
                                                used_slots, rule=rule)
         return encode(matched_boxes, priors, variances), matched_labels
 
-    return jax.vmap(one_image)(jnp.asarray(gt_boxes), jnp.asarray(gt_labels), gt_mask)
+    return jax.vmap(one_image)(gt_boxes, gt_labels, gt_mask)
+
+
+def _checked_inputs(gt_boxes, gt_labels, gt_mask, priors, iou_threshold, num_classes, *,
+                    batch_dims: int):
+    """(gt_boxes, gt_labels int32, gt_mask bool, priors) as JAX arrays: shapes and dtypes
+    checked always, values (the reference's checks) when every input is concrete."""
+    batch = "B " * batch_dims
+    shapes = Shapes()
+    gt_boxes = shapes.check("gt_boxes", gt_boxes, batch + "G 4")
+    gt_labels = shapes.check("gt_labels", gt_labels, batch + "G", kind="int")
+    gt_mask = shapes.check("gt_mask", gt_mask, batch + "G", kind="bool")
+    priors = shapes.check("priors", priors, "P 4")
+    check_not_empty("priors", shapes.size("P"), "prior")
+    check_scalar("iou_threshold", iou_threshold)
+    if is_concrete(gt_boxes, gt_labels, gt_mask, priors, iou_threshold):
+        check_padded_ground_truth(gt_boxes, gt_labels, gt_mask, batch_dims=batch_dims,
+                                  num_classes=num_classes)
+        reference_encoding.check_priors(priors)
+        check_threshold(iou_threshold, "iou_threshold")
+    return gt_boxes, gt_labels.astype(jnp.int32), gt_mask.astype(bool), priors
 
 
 def _used_slots(gt_mask):

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from reference.nms import check_detect_inputs, check_nms_inputs
-from reference.validation import check_array, check_positive_int
-from ssd_jax._validation import is_concrete
+from reference.validation import check_mask, check_positive_int
+from ssd_jax._validation import Shapes, check_not_empty, check_scalar, is_concrete
 from ssd_jax.boxes import iou
 from ssd_jax.encoding import decode
 
@@ -45,14 +45,25 @@ def nms(boxes, scores, iou_threshold, max_output_size: int, *, mask=None):
       indices: [max_output_size] int32 indices into `boxes` of the kept boxes
         by descending score, then 0 padding.
       valid: [max_output_size] bool, True for the kept entries.
+
+    Shapes and dtypes are checked on every call; concrete inputs are also
+    checked like the reference's (ValueError on NaN, a mask other than 0/1).
+    Under jit a NaN score's box is never kept and a nonzero mask entry counts
+    as valid.
     """
     check_positive_int(max_output_size, "max_output_size")
-    if mask is None:
-        mask = jnp.ones(jnp.shape(scores), bool)
+    shapes = Shapes()
+    boxes = shapes.check("boxes", boxes, "N 4")
+    scores = shapes.check("scores", scores, "N")
+    mask = jnp.ones(scores.shape, bool) if mask is None else shapes.check(
+        "mask", mask, "N", kind="bool")
+    check_scalar("iou_threshold", iou_threshold)
     if is_concrete(boxes, scores, iou_threshold, mask):
-        boxes, scores, iou_threshold = check_nms_inputs(boxes, scores, iou_threshold)
-        check_array(mask, "mask", shape=scores.shape)
-    return _nms(boxes, scores, mask, iou_threshold, max_output_size)
+        check_nms_inputs(boxes, scores, iou_threshold)
+        check_mask(mask, "mask")
+    # Under jit, a NaN score marks its box invalid: NaN would sort above every real score.
+    return _nms(boxes, scores, mask.astype(bool) & ~jnp.isnan(scores), iou_threshold,
+                max_output_size)
 
 
 @functools.partial(jax.jit, static_argnames="max_output_size")
@@ -126,9 +137,9 @@ def detect(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0.45,
     options = dict(top_k=top_k, pre_nms_top_k=pre_nms_top_k, clip_boxes=clip_boxes,
                    level_sizes=None if level_sizes is None else tuple(level_sizes),
                    drop_empty_boxes=drop_empty_boxes)
-    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
-        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
-                            pre_nms_top_k, level_sizes=level_sizes)
+    loc, conf_logits, priors = _checked_detect_inputs(
+        loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k,
+        level_sizes, batch="")
     return _detect(loc, conf_logits, priors, score_threshold, iou_threshold, **options)
 
 
@@ -139,19 +150,43 @@ def detect_batch(loc, conf_logits, priors, score_threshold=0.01, iou_threshold=0
 
     Returns boxes [B, K, 4], scores [B, K], labels [B, K], valid [B, K].
     """
-    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
-        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
-                            pre_nms_top_k, batch_dims=1, level_sizes=options.get("level_sizes"))
+    loc, conf_logits, priors = _checked_detect_inputs(
+        loc, conf_logits, priors, score_threshold, iou_threshold, top_k, pre_nms_top_k,
+        options.get("level_sizes"), batch="B ")
     return jax.vmap(functools.partial(detect, score_threshold=score_threshold,
                                       iou_threshold=iou_threshold, top_k=top_k,
                                       pre_nms_top_k=pre_nms_top_k, **options),
                     in_axes=(0, 0, None))(loc, conf_logits, priors)
 
 
+def _checked_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                           pre_nms_top_k, level_sizes, *, batch: str):
+    """(loc, conf_logits, priors) as JAX arrays: shapes and dtypes checked always (`batch` is
+    "" or "B "), values when concrete (the reference's checks, priors with positive sizes)."""
+    shapes = Shapes()
+    priors = shapes.check("priors", priors, "P 4")
+    check_not_empty("priors", shapes.size("P"), "prior")
+    loc = shapes.check("loc", loc, batch + "P 4")
+    conf_logits = shapes.check("conf_logits", conf_logits, batch + "P K")
+    if shapes.size("K") < 2:
+        raise ValueError("conf_logits needs C + 1 >= 2 entries (background and at least one "
+                         f"class), got shape {conf_logits.shape}")
+    check_scalar("score_threshold", score_threshold)
+    check_scalar("iou_threshold", iou_threshold)
+    if is_concrete(loc, conf_logits, priors, score_threshold, iou_threshold):
+        check_detect_inputs(loc, conf_logits, priors, score_threshold, iou_threshold, top_k,
+                            pre_nms_top_k, batch_dims=len(batch.split()),
+                            level_sizes=level_sizes)
+    return loc, conf_logits, priors
+
+
 @functools.partial(jax.jit, static_argnames=DETECT_STATIC)
 def _detect(loc, conf_logits, priors, score_threshold, iou_threshold, *, top_k, pre_nms_top_k,
             clip_boxes, level_sizes, drop_empty_boxes):
     probs = jax.nn.softmax(conf_logits, axis=-1)
+    # A NaN score (from NaN logits) is never a detection, and as -inf it cannot push real
+    # candidates out of a top_k either.
+    probs = jnp.where(jnp.isnan(probs), -jnp.inf, probs)
     boxes = decode(loc, priors)
     if clip_boxes:
         boxes = jnp.clip(boxes, 0.0, 1.0)

@@ -6,6 +6,7 @@ and is matched and encoded inside the step, so nothing goes back to the host.
 """
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,15 +20,19 @@ from tqdm.auto import tqdm
 
 from reference.matching import RULES
 from reference.priors import prior_boxes
+from reference.validation import check_neg_pos_ratio
 from ssd_jax import inference
-from ssd_jax.checkpoint import checkpoint_manager, checkpoint_meta, restore, save
+from ssd_jax.checkpoint import (checkpoint_manager, checkpoint_meta, checkpoint_steps, load_meta,
+                                load_newest_intact, restore, save, set_aside)
 from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
 from ssd_jax.evaluation import evaluate_source
+from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
+                           require_number)
 from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
-from ssd_jax.model import SSD, ModelConfig, get_config
+from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
 from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_distributed,
                               replicate, shard_batch)
@@ -80,14 +85,42 @@ class TrainConfig:
     eval_examples: int = 0
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_steps < 1:
-            raise ValueError("batch_size and num_steps must be >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.matching not in RULES:
-            raise ValueError(f"matching must be one of {RULES}, got {self.matching!r}")
-        if list(self.decay_steps) != sorted(self.decay_steps):
-            raise ValueError(f"decay_steps must be increasing, got {self.decay_steps}")
+        """Rejects every field value a run cannot use (ConfigError, a ValueError naming it)."""
+        for field in ("dataset", "model", "workdir"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(field, f"must be a non-empty string, got {value!r}")
+        require_choice(self, "model", CONFIGS)
+        require_choice(self, "dtype", DTYPES)
+        require_choice(self, "optimizer", OPTIMIZERS)
+        require_choice(self, "matching", RULES)
+        for field in ("batch_size", "max_boxes", "num_steps", "log_every", "checkpoint_every",
+                      "keep_checkpoints"):
+            require_int(self, field, 1)
+        for field in ("image_size", "warmup_steps", "eval_every", "num_workers",
+                      "train_examples", "eval_examples", "seed"):
+            require_int(self, field, 0)
+        require_number(self, "learning_rate", 0, low_open=True)
+        require_number(self, "decay_factor", 0, low_open=True)
+        require_number(self, "momentum", 0, 1, high_open=True)
+        require_number(self, "weight_decay", 0)
+        require_number(self, "grad_clip_norm", 0)
+        require_number(self, "match_iou_threshold", 0, 1)
+        try:
+            check_neg_pos_ratio(self.neg_pos_ratio)
+        except ValueError as error:
+            raise ConfigError("neg_pos_ratio", f"must be an integer >= 0, got "
+                              f"{self.neg_pos_ratio!r}") from error
+        if (not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                    for s in self.decay_steps)
+                or list(self.decay_steps) != sorted(set(self.decay_steps))):
+            raise ConfigError("decay_steps", f"must be increasing steps >= 1, got "
+                              f"{self.decay_steps}")
+        if not isinstance(self.augment, bool):
+            raise ConfigError("augment", f"must be True or False, got {self.augment!r}")
+        if self.image_size and self.model != "ssd_mini":
+            raise ConfigError("image_size", f"applies to ssd_mini only; {self.model} has the "
+                              "fixed input size of its default boxes (leave it 0)")
 
 
 @flax.struct.dataclass
@@ -170,19 +203,28 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
         (_, terms), grads = grad_fn(state.params, state.rest, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+        grad_norm = optax.tree.norm(grads)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        # A step that makes anything non-finite leaves the state as it was, so a diverging
+        # run never holds (or saves) NaN; the loop stops at its next log or checkpoint step.
+        finite = _all_finite((terms["loss"], grad_norm, new_state))
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = dict(terms, grad_norm=grad_norm, finite=finite,
                        learning_rate=learning_rate_schedule(config)(state.step))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
+
+
+def _all_finite(tree) -> jax.Array:
+    """True if no float array of `tree` holds NaN or infinity (one reduction per array)."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
+                              if jnp.issubdtype(leaf.dtype, jnp.inexact)]))
 
 
 def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelConfig:
     """The ModelConfig a training run builds; `overrides` replace its fields."""
     if config.image_size:
-        if config.model != "ssd_mini":
-            raise ValueError(f"--image-size applies to ssd_mini only; {config.model} has the "
-                             "fixed input size of its default boxes")
         overrides.setdefault("image_size", config.image_size)
     if config.backbone_weights and "pixel_mean" not in overrides:
         overrides.update(backbone_pixel_stats(config.backbone_weights))
@@ -195,13 +237,18 @@ def build_model(config: TrainConfig, num_classes: int, **overrides) -> SSD:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; a resumed run first drops the
-    records past its checkpoint so the file reads like one uninterrupted run."""
+    records past its checkpoint so the file reads like one uninterrupted run.
+
+    That rewrite goes through a temporary file and a rename, so a kill leaves the old file or
+    the new one, never an empty one. A torn last line (a kill mid-append) is dropped with a note.
+    """
 
     def __init__(self, path: Path, start_step: int):
         self.path = path
-        old = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        self.records = [r for r in old if r["step"] <= start_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.records = [r for r in read_metrics(path) if r["step"] <= start_step]
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(temporary, path)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -209,9 +256,95 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl ([] if there is none); a torn last line is left out."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not a JSON record: {line[:80]!r} "
+                                 "(only the last line may be torn)") from None
+            tqdm.write(f"note: dropped the torn last line of {path} ({line[:40]!r}...)")
+    return records
+
+
 def _mean_metrics(pending: list[dict]) -> dict:
     host = jax.device_get(pending)
-    return {key: float(np.mean([m[key] for m in host])) for key in host[0]}
+    _check_finite_steps(host)
+    return {key: float(np.mean([m[key] for m in host])) for key in host[0]
+            if key not in ("step", "finite")}
+
+
+def _check_finite_steps(host_metrics: list[dict]) -> None:
+    """Raises FloatingPointError naming the first step whose update was not finite (and so was
+    not applied: the state, and every checkpoint, holds only finite numbers)."""
+    for m in host_metrics:
+        if not m["finite"]:
+            raise FloatingPointError(
+                f"non-finite loss, gradient or parameters at step {m['step']} (loss {m['loss']}, "
+                f"gradient norm {m['grad_norm']}): training stopped, the update was not applied "
+                "and the checkpoints hold the last good state; lower --learning-rate or set "
+                "--grad-clip-norm, then rerun to resume from the last checkpoint")
+
+
+# What may change when a run resumes: how long it goes on, how its schedule continues (a lower
+# learning rate after a divergence), how often it logs, saves and evaluates, where it reads.
+# Anything else (the model, optimizer, batch size, data, ...) makes another run.
+RESUMABLE_FIELDS = frozenset({
+    "num_steps", "learning_rate", "warmup_steps", "decay_steps", "decay_factor", "workdir",
+    "data_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "num_workers",
+    "eval_examples"})
+
+
+class RunMismatchError(ValueError):
+    """The workdir holds a checkpoint of another run; the message names what differs."""
+
+
+def check_same_run(meta: dict, config: TrainConfig, class_names, directory) -> None:
+    """Raises RunMismatchError naming every field in which the run saved in `directory` (its
+    checkpoint record `meta`) differs from `config` beyond RESUMABLE_FIELDS, or its classes;
+    prints a note for each resumable field that changed."""
+    if "train" not in meta:
+        raise RunMismatchError(f"{directory} holds a checkpoint that is not an ssd_jax training "
+                               "run's (no training config in its record): use another --workdir")
+    saved = {key: tuple(v) if isinstance(v, list) else v for key, v in meta["train"].items()}
+    current = dataclasses.asdict(config)
+    changed = {key: (saved[key], current[key]) for key in saved.keys() & current.keys()
+               if saved[key] != current[key]}
+    differing = [f"{flag_name(key)} {old} there, {new} here"
+                 for key, (old, new) in sorted(changed.items()) if key not in RESUMABLE_FIELDS]
+    if list(meta.get("class_names", class_names)) != list(class_names):
+        differing.append(f"classes {meta['class_names']} there, {list(class_names)} here")
+    if differing:
+        raise RunMismatchError(f"{directory} holds a different run ({'; '.join(differing)}): "
+                               "use another --workdir, pass that run's values to resume it, or "
+                               "delete the folder to start over")
+    for key in sorted(changed.keys() & RESUMABLE_FIELDS - {"workdir"}):
+        tqdm.write(f"note: resuming with {flag_name(key)} {changed[key][1]} "
+                   f"(the run used {changed[key][0]})")
+
+
+def resume(directory: Path, state: TrainState, config: TrainConfig, class_names) -> TrainState:
+    """The newest intact checkpoint of the run in `directory`, restored into `state`'s
+    structure and shardings. Damaged newer steps are reported and set aside (`set_aside`);
+    a checkpoint of another run raises RunMismatchError (`check_same_run`)."""
+    manager = checkpoint_manager(directory, read_only=True)
+
+    def load_step(step):
+        check_same_run(load_meta(directory, step), config, class_names, directory.parent)
+        return restore(manager, state, step)[0]
+
+    restored = load_newest_intact(directory, load_step)
+    for step in checkpoint_steps(directory):
+        if step > int(restored.step):
+            moved_to = set_aside(directory, step)
+            tqdm.write(f"note: moved damaged checkpoint step {step} to {moved_to}")
+    return restored
 
 
 def init_training(config: TrainConfig, num_classes: int, mesh):
@@ -241,11 +374,15 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     image_size = run_model_config.priors.image_size
 
     graphdef, state, train_step = init_training(config, len(class_names), mesh)
+    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        state = resume(workdir / "checkpoints", state, config, class_names)
+    start_step = int(state.step)
+    if start_step > config.num_steps:
+        raise ConfigError("num_steps", f"{config.num_steps} is below step {start_step} of the "
+                          f"checkpoint in {workdir}: raise it to train on, or use another "
+                          "--workdir")
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     meta = checkpoint_meta(run_model_config, class_names, train=dataclasses.asdict(config))
-    if manager.latest_step() is not None:
-        state, _ = restore(manager, state)
-    start_step = int(state.step)
     transform = (ssd_train_transform(image_size, mean=run_model_config.pixel_mean)
                  if config.augment else None)
     loader = pipeline.make_train_loader(
@@ -260,29 +397,32 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         result = evaluate_source(predict, state.params, state.rest, eval_source,
                                  batch_size=config.batch_size, max_boxes=config.max_boxes,
                                  image_size=image_size, num_classes=len(class_names))
-        log.write({"step": step, "map": result["map"]})
+        if not any(r["step"] == step and "map" in r for r in log.records):  # a finished run's rerun
+            log.write({"step": step, "map": result["map"]})
         return result
 
     bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
                desc="train", unit="step")
     pending, last_time = [], time.perf_counter()
+    unreadable = 0  # examples replaced by empty ones since this process started
     try:
         for step in bar:
-            state, metrics = train_step(state, shard_batch(next(loader), mesh))
-            pending.append(metrics)
+            batch = next(loader)
+            unreadable += int(batch.pop("unreadable").sum())  # host NumPy: no device sync
+            state, metrics = train_step(state, shard_batch(batch, mesh))
             done = step + 1
+            pending.append(dict(metrics, step=done))
             if done % config.log_every == 0 or done == config.num_steps:
                 now = time.perf_counter()
                 record = dict(step=done, **_mean_metrics(pending),
-                              images_per_s=len(pending) * config.batch_size / (now - last_time))
-                if not np.isfinite(record["loss"]):
-                    raise FloatingPointError(f"non-finite loss {record['loss']} at step {done}: "
-                                             "lower --learning-rate or set --grad-clip-norm")
+                              images_per_s=len(pending) * config.batch_size / (now - last_time),
+                              unreadable_images=unreadable)
                 pending, last_time = [], now
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
                                 img_s=f"{record['images_per_s']:.1f}")
             if done % config.checkpoint_every == 0 or done == config.num_steps:
+                _check_finite_steps(jax.device_get(pending))  # those since the last log step
                 save(manager, done, state, meta)
             if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
                 run_eval(done)

@@ -36,9 +36,10 @@ def random_ssd(model_config, seed: int = 0):
 
 
 def write_untrained_checkpoint(workdir, config=TINY, class_names=CLASS_NAMES, *,
-                               old_format: bool = False):
-    """Writes into `workdir` a checkpoint as `train` writes it (step 0), of an untrained model
-    of `config` (default: a 64 px ssd_mini) for `class_names`. Returns `workdir`.
+                               old_format: bool = False, steps=(0,)):
+    """Writes into `workdir` a checkpoint as `train` writes it (at each of `steps`, default
+    step 0), of an untrained model of `config` (default: a 64 px ssd_mini) for `class_names`.
+    Returns `workdir`.
     `old_format` writes the record of the first format (training config and pixel
     statistics only), as checkpoints written before the full model config was stored have."""
     config = dataclasses.replace(config, workdir=str(workdir))
@@ -50,7 +51,8 @@ def write_untrained_checkpoint(workdir, config=TINY, class_names=CLASS_NAMES, *,
     else:
         meta = checkpoint_meta(model.config, class_names, train=dataclasses.asdict(config))
     manager = checkpoint_manager(workdir / "checkpoints")
-    save(manager, 0, state, meta)
+    for step in steps:
+        save(manager, step, state.replace(step=np.int32(step)), meta)
     manager.wait_until_finished()
     manager.close()
     return workdir

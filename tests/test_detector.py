@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 
 from reference.augment import resize
 from ssd_jax import Detector
-from ssd_jax.checkpoint import checkpoint_manager, load_model, save, save_model
+from ssd_jax.checkpoint import (DamagedCheckpointWarning, checkpoint_manager, load_model, save,
+                                save_model)
 from ssd_jax.cli import main
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset
 from tests.helpers import write_untrained_checkpoint
@@ -211,6 +212,44 @@ def test_cli_refuses_to_write_into_a_folder_of_its_inputs(checkpoint, tmp_path):
         main(["detect", "--checkpoint", str(checkpoint), str(tmp_path), "--out", str(tmp_path)])
     assert "would overwrite" in str(exit.value.code)
     assert Image.open(tmp_path / "image.png").getextrema() == ((0, 0),) * 3
+
+
+def test_cli_keeps_what_is_in_out_and_counts_missing_inputs(tmp_path, capsys):
+    """--out holding files is refused unless --overwrite; a damaged newest checkpoint step is
+    one warning (the step before it is used); a missing input is counted as missing."""
+    from tests.test_faults import _tear
+    run = write_untrained_checkpoint(tmp_path / "run", steps=(0, 2))
+    _tear(run / "checkpoints" / "2", "deleted data files")
+    Image.fromarray(shapes_images([(64, 64)])[0]).save(tmp_path / "image.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.json").write_text("[] from an earlier run")
+    args = ["detect", "--checkpoint", str(run), str(tmp_path / "image.png"),
+            str(tmp_path / "gone.png"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert "already holds files (detections.json)" in str(exit.value.code)
+    assert (out / "detections.json").read_text() == "[] from an earlier run"
+    capsys.readouterr()
+    with pytest.warns(DamagedCheckpointWarning, match="step 2 .*using step 0") as warned:
+        assert main(args + ["--overwrite"]) == 0
+    assert len(warned) == 1
+    printed = capsys.readouterr()
+    assert "(0 unreadable and 1 missing inputs skipped)" in printed.out
+    assert "Traceback" not in printed.err
+    assert json.loads((out / "detections.json").read_text()) is not None
+
+
+def test_the_detector_refuses_what_is_not_a_model_or_an_image(detector):
+    with pytest.raises(ValueError, match="model must be an ssd_jax.model.SSD"):
+        Detector(None, CLASS_NAMES)
+    with pytest.raises(ValueError, match="images must be an image .* or a list of them, got "
+                                         "NoneType"):
+        detector(None)
+    image = shapes_images([(64, 64)])[0]
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, "PNG")
+    assert_same_detections(detector(encoded.getvalue()), detector(image))
 
 
 def test_labels_come_in_the_checkpoints_label_space_through_its_resize(tmp_path):

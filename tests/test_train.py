@@ -174,6 +174,5 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_image_size_of_a_fixed_size_model_is_a_clear_error():
-    config = dataclasses.replace(TINY, model="ssd300", image_size=64)
-    with pytest.raises(ValueError, match="ssd_mini only"):
-        train_lib.model_config(config, num_classes=len(CLASS_NAMES))
+    with pytest.raises(ValueError, match="ssd_mini only"):  # when the config is built
+        dataclasses.replace(TINY, model="ssd300", image_size=64)

@@ -277,3 +277,98 @@ def test_pipeline_batches_voc_examples(devkit):
     batch = next(loader)
     assert batch["image"].shape == (2, 32, 32, 3) and batch["boxes"].shape == (2, 3, 4)
     assert batch["mask"].sum() > 0
+
+
+# --- Faults of a VOC folder, made here: each bad entry is named with its file and reason. ---
+
+GOOD = (40, 30, [("dog", 2, 3, 30, 28, False)])
+XML_FAULTS = {  # image id -> (annotation text, what the error must say about it)
+    "unknown_class": (voc.annotation_xml(40, 30, [("unicorn", 2, 3, 30, 28, False)]),
+                      "unknown class 'unicorn'"),
+    "malformed": ("<annotation><size><width>40", "not valid XML"),
+    "no_size": (voc.annotation_xml(40, 30, []).replace("<size>", "<nosize>").replace(
+        "</size>", "</nosize>"), "<size/width> is missing"),
+    "no_ymax": (voc.annotation_xml(40, 30, [("dog", 2, 3, 30, 28, False)]).replace(
+        "<ymax>28</ymax>", ""), "<bndbox/ymax> is missing"),
+    "non_numeric": (voc.annotation_xml(40, 30, [("dog", "two", 3, 30, 28, False)]),
+                    "<bndbox/xmin> is 'two', not a number"),
+    "degenerate": (voc.annotation_xml(40, 30, [("dog", 9, 3, 9, 28, False)]), "is degenerate"),
+    "outside": (voc.annotation_xml(40, 30, [("dog", 50, 3, 60, 28, False)]),
+                "lies outside the 40 x 30 image"),
+    "wrong_size": (voc.annotation_xml(80, 60, [("dog", 2, 3, 30, 28, False)]),
+                   "<size> says 80 x 60 but wrong_size.jpg is 40 x 30"),
+}
+
+
+def _faulty_devkit(root, ids_and_faults):
+    """A VOCdevkit with VOC2007 trainval listing `ids_and_faults` (id -> fault name or None)."""
+    folder = root / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    width, height, objects = GOOD
+    for seed, (image_id, fault) in enumerate(ids_and_faults.items()):
+        jpeg = folder / "JPEGImages" / f"{image_id}.jpg"
+        xml = folder / "Annotations" / f"{image_id}.xml"
+        if fault != "missing_jpeg":
+            _write_image(jpeg, width, height, "RGB", seed)
+        if fault == "truncated_jpeg":
+            jpeg.write_bytes(jpeg.read_bytes()[:-300])  # the header still reads
+        if fault != "missing_xml":
+            xml.write_text(XML_FAULTS[fault][0] if fault in XML_FAULTS
+                           else voc.annotation_xml(width, height, objects))
+    (folder / "ImageSets/Main/trainval.txt").write_text("\n".join(ids_and_faults) + "\n")
+    return root
+
+
+def test_every_bad_entry_of_a_voc_folder_is_reported_up_front_with_its_file(tmp_path):
+    faults = {"good": None, "missing_jpeg": "missing_jpeg", "missing_xml": "missing_xml",
+              **{name: name for name in XML_FAULTS}, "truncated_jpeg": "truncated_jpeg"}
+    root = _faulty_devkit(tmp_path / "VOCdevkit", faults)
+    with pytest.raises(ValueError) as error:
+        voc.VOCFolder(root, (("2007", "trainval"),))
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith(f"{len(XML_FAULTS) + 2} of the {len(faults)} examples")
+    assert len(lines) == 1 + len(XML_FAULTS) + 2
+    reported = {line.split(":")[0].strip(): line for line in lines[1:]}
+    assert reported.keys() == {str(root / "VOC2007" / ("JPEGImages" if name == "missing_jpeg"
+                                                       else "Annotations") /
+                                   f"{name}.{'jpg' if name == 'missing_jpeg' else 'xml'}")
+                               for name in faults if name not in ("good", "truncated_jpeg")}
+    for name, (_, reason) in XML_FAULTS.items():
+        assert reason in next(line for path, line in reported.items() if f"/{name}." in path)
+    assert "missing" in next(line for path, line in reported.items() if "missing_jpeg" in path)
+
+
+def test_a_folder_without_any_object_is_refused(tmp_path):
+    root = tmp_path / "VOCdevkit"
+    _faulty_devkit(root, {"empty": None})
+    (root / "VOC2007/Annotations/empty.xml").write_text(voc.annotation_xml(40, 30, []))
+    with pytest.raises(ValueError, match="holds an object: there is nothing to learn"):
+        voc.VOCFolder(root, (("2007", "trainval"),))
+
+
+def test_an_image_found_unreadable_in_training_is_skipped_and_counted(tmp_path, capsys):
+    root = _faulty_devkit(tmp_path / "VOCdevkit",
+                          {"good": None, "truncated_jpeg": "truncated_jpeg"})
+    source = voc.VOCFolder(root, (("2007", "trainval"),))  # the header reads: it passes the check
+    loader = pipeline.make_train_loader(source, batch_size=2, max_boxes=3, seed=0, image_size=32)
+    batch = next(loader)
+    np.testing.assert_array_equal(np.sort(batch["unreadable"]), [False, True])
+    empty = np.flatnonzero(batch["unreadable"])[0]
+    assert not batch["mask"][empty].any() and not batch["image"][empty].any()
+    assert "skipped unreadable example 1: cannot read image file" in capsys.readouterr().err
+
+
+def test_boxes_partly_outside_the_image_are_clipped_with_and_without_augmentation():
+    from ssd_jax.data.augment import ssd_train_transform
+    example = {"image": np.full((30, 40, 3), 128, np.uint8), "labels": np.array([3]),
+               "boxes": np.array([[-0.2, 0.1, 0.5, 1.3]], np.float32),
+               "difficult": np.array([False]), "image_id": "000001"}
+    np.testing.assert_allclose(pipeline.clip_boxes(example)["boxes"], [[0, 0.1, 0.5, 1]])
+    for transform in (None, ssd_train_transform(32)):
+        batch = next(pipeline.make_train_loader([example] * 2, batch_size=2, max_boxes=2, seed=0,
+                                                image_size=32, transform=transform))
+        assert batch["mask"].sum() >= 1 and 0 <= batch["boxes"].min() <= batch["boxes"].max() <= 1
+    degenerate = dict(example, boxes=np.array([[1.1, 0.1, 1.5, 0.9]], np.float32))
+    with pytest.raises(ValueError, match="example 000001: box 0 .* is degenerate"):
+        pipeline.clip_boxes(degenerate)

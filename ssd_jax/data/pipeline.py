@@ -11,6 +11,7 @@ iterator's `get_state()` (a small dict, saved next to the checkpoint) with `set_
 Both give exactly the batches the uninterrupted run would have seen.
 """
 import functools
+import sys
 
 import grain
 import numpy as np
@@ -42,6 +43,44 @@ def pad_targets(example: dict, max_boxes: int, *, keep_difficult: bool = False) 
         "labels": np.pad(labels, (0, max_boxes - count)),
         "mask": np.arange(max_boxes) < count,
     }
+
+
+def clip_boxes(example: dict) -> dict:
+    """Example with its boxes clipped to the image ([0, 1]), as the training loader gives every
+    example to the augmentation (or, without it, to the model), so both see the same boxes.
+    Raises ValueError naming the example if a box is degenerate (xmax <= xmin or ymax <= ymin)
+    once clipped: a fault of the data, which no learning rate would fix."""
+    boxes = np.clip(np.asarray(example["boxes"], np.float32).reshape(-1, 4), 0.0, 1.0)
+    bad = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+    if bad.size:
+        name = example.get("image_id", "without an image_id")
+        raise ValueError(f"example {name}: box {bad[0]} {np.asarray(example['boxes'])[bad[0]]} "
+                         "is degenerate (xmax <= xmin or ymax <= ymin within the image)")
+    return {**example, "boxes": boxes}
+
+
+class SkipUnreadable:
+    """A source whose examples that cannot be read (OSError: a truncated or vanished image file)
+    come out as empty `image_size` x `image_size` black images without objects, with
+    "unreadable" True (False for the others), each reported once on stderr. An example without
+    objects adds nothing to the loss: no positives, so no negatives are mined in it."""
+
+    def __init__(self, source, image_size: int):
+        self.source, self.image_size, self.reported = source, image_size, set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index) -> dict:
+        try:
+            return {**self.source[index], "unreadable": False}
+        except OSError as error:
+            if index not in self.reported:
+                self.reported.add(index)
+                print(f"skipped unreadable example {index}: {error}", file=sys.stderr)
+            return {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+                    "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32),
+                    "difficult": np.zeros(0, bool), "unreadable": True}
 
 
 def resize_image(example: dict, image_size: int, mode: str = "uint8") -> dict:
@@ -78,16 +117,21 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
       keep_difficult: train on objects marked difficult too, as the Caffe release does
         (`train_on_diff_gt`); by default they are dropped, as ssd.pytorch does.
 
+    Boxes are clipped to the image first (`clip_boxes`); an example that cannot be read is
+    replaced by an empty one (`SkipUnreadable`).
+
     Returns: iterator (with grain's `get_state` / `set_state`) of dicts {"image": uint8
-    [B, S, S, 3], "boxes": float32 [B, G, 4] corners, "labels": int32 [B, G], "mask": bool [B, G]}
-    with B = batch_size, S = image_size, G = max_boxes. An incomplete last batch is dropped.
+    [B, S, S, 3], "boxes": float32 [B, G, 4] corners, "labels": int32 [B, G], "mask": bool [B, G],
+    "unreadable": bool [B], True for the empty stand-ins of unreadable examples} with
+    B = batch_size, S = image_size, G = max_boxes. An incomplete last batch is dropped.
     """
     index, count = shard
-    dataset = grain.MapDataset.source(source)[index::count].shuffle(seed=seed).repeat(num_epochs)
+    dataset = (grain.MapDataset.source(SkipUnreadable(source, image_size))[index::count]
+               .shuffle(seed=seed).repeat(num_epochs).map(clip_boxes))
     if transform is not None:
         dataset = dataset.random_map(transform, seed=seed)
     dataset = (dataset.map(functools.partial(resize_image, image_size=image_size))
-               .map(functools.partial(pad_targets, max_boxes=max_boxes,
+               .map(functools.partial(_padded_train_example, max_boxes=max_boxes,
                                       keep_difficult=keep_difficult))
                .batch(batch_size, drop_remainder=True))
     batches = dataset[start_step:].to_iter_dataset(READ_OPTIONS)
@@ -98,6 +142,11 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(batches)
+
+
+def _padded_train_example(example: dict, max_boxes: int, keep_difficult: bool) -> dict:
+    return {**pad_targets(example, max_boxes, keep_difficult=keep_difficult),
+            "unreadable": example["unreadable"]}
 
 
 def make_eval_loader(source, *, batch_size: int, max_boxes: int, image_size: int = 128,

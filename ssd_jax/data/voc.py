@@ -15,24 +15,24 @@ ymax) in [0, 1], "labels": int32 [G] in 1..20 (index in VOC_CLASSES + 1), "diffi
 Boxes follow TFDS exactly, so both readers agree to the bit: the 1-based pixel indices of the XML
 are divided by the width / height the XML states (xmin / width, no 1 subtracted), in float64,
 then rounded to float32. This puts boxes at most one pixel right of / below their true pixel edges.
-Images are decoded by one function, `decode_image`, from the same JPEG bytes (TFDS stores the
-original files).
+Images are decoded by one function, `ssd_jax.data.images.decode_image`, from the same JPEG bytes
+(TFDS stores the original files).
 
 The paper's data: train on VOC2007 trainval + VOC2012 trainval (16,551 images), test on VOC2007
 test (4,952 images, the only VOC test set with public annotations).
 """
 import argparse
 import bisect
-import io
 import itertools
 import operator
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from ssd_jax.data.images import decode_image, read_image
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -64,24 +64,65 @@ def _limit(total: int, max_examples: int) -> int:
 
 def parse_annotation(path) -> dict:
     """One VOC XML annotation -> {"boxes": float32 [G, 4] corners (xmin, ymin, xmax, ymax) in
-    [0, 1], "labels": int32 [G] in 1..20, "difficult": bool [G]}, objects in file order."""
-    root = ElementTree.parse(path).getroot()
-    width, height = (float(root.findtext(f"size/{side}")) for side in ("width", "height"))
-    boxes, labels, difficult = [], [], []
-    for obj in root.findall("object"):  # direct children, as TFDS reads them
-        name = obj.findtext("name", "").strip().lower()
-        if name not in VOC_CLASSES:
-            raise ValueError(f"{path}: unknown class {name!r}, expected one of {VOC_CLASSES}")
-        labels.append(VOC_CLASSES.index(name) + 1)
-        difficult.append(obj.findtext("difficult", "0").strip() == "1")
-        boxes.append([float(obj.findtext(f"bndbox/{key}"))
-                      for key in ("xmin", "ymin", "xmax", "ymax")])
+    [0, 1], "labels": int32 [G] in 1..20, "difficult": bool [G], "size": (height, width) the XML
+    states}, objects in file order.
+
+    Raises ValueError naming the file and what is wrong with it: not XML, a missing or
+    non-numeric <size> or box coordinate, an unknown class, a degenerate box (xmax <= xmin or
+    ymax <= ymin), or one wholly outside the image. A box partly outside the image is kept: the
+    input pipeline clips every box to the image.
+    """
+    try:
+        try:
+            root = ElementTree.parse(path).getroot()
+        except ElementTree.ParseError as error:
+            raise ValueError(f"not valid XML ({error})") from None
+        width, height = (_number(root, f"size/{side}") for side in ("width", "height"))
+        if width <= 0 or height <= 0:
+            raise ValueError(f"<size> is {width:g} x {height:g}, not a positive size")
+        boxes, labels, difficult = [], [], []
+        for number, obj in enumerate(root.findall("object")):  # direct children, as TFDS reads
+            name = obj.findtext("name", "").strip().lower()
+            if name not in VOC_CLASSES:
+                raise ValueError(f"unknown class {name!r}, expected one of {VOC_CLASSES}")
+            labels.append(VOC_CLASSES.index(name) + 1)
+            difficult.append(obj.findtext("difficult", "0").strip() == "1")
+            boxes.append([_number(obj, f"bndbox/{key}")
+                          for key in ("xmin", "ymin", "xmax", "ymax")])
+            _check_box(boxes[-1], width, height, f"object {number} ({name})")
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     scale = np.array([width, height, width, height])
     return {
         "boxes": (np.asarray(boxes, np.float64).reshape(-1, 4) / scale).astype(np.float32),
         "labels": np.asarray(labels, np.int32),
         "difficult": np.asarray(difficult, bool),
+        "size": (int(height), int(width)),
     }
+
+
+def _number(element, tag: str) -> float:
+    text = element.findtext(tag)
+    if text is None:
+        raise ValueError(f"<{tag}> is missing")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"<{tag}> is {text.strip()!r}, not a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"<{tag}> is {text.strip()!r}, not a finite number")
+    return value
+
+
+def _check_box(box, width: float, height: float, name: str) -> None:
+    """A box must have xmax > xmin and ymax > ymin (divided by the size, as TFDS does, equal
+    indices would make an empty box) and overlap the image (pixels 1..width, 1..height)."""
+    xmin, ymin, xmax, ymax = box
+    if xmax <= xmin or ymax <= ymin:
+        raise ValueError(f"{name}: box (xmin, ymin, xmax, ymax) = {tuple(box)} is degenerate "
+                         "(needs xmax > xmin and ymax > ymin)")
+    if xmax <= 0 or ymax <= 0 or xmin > width or ymin > height:
+        raise ValueError(f"{name}: box {tuple(box)} lies outside the {width:g} x {height:g} image")
 
 
 def annotation_xml(width: int, height: int, objects) -> str:
@@ -102,28 +143,6 @@ def annotation_xml(width: int, height: int, objects) -> str:
     return "\n".join(parts + ["</annotation>"])
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Image file bytes -> uint8 [H, W, 3] RGB (grey repeated in the three channels).
-
-    JPEGs are decoded by libjpeg-turbo through simplejpeg, into the array directly: the same
-    pixels as Pillow (both run libjpeg-turbo's default IDCT and upsampling) in two thirds of the
-    time, which matters in the input pipeline. Pillow reads what simplejpeg does not (PNG, ...).
-    """
-    try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except ValueError:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-
-
-def read_image(path) -> np.ndarray:
-    """The image file at `path` as uint8 [H, W, 3] RGB (`decode_image`)."""
-    try:
-        return decode_image(Path(path).read_bytes())
-    except OSError as error:  # Pillow's UnidentifiedImageError names no file
-        raise OSError(f"cannot read image {path}: {error}") from error
-
-
 class VOCFolder:
     """Random-access VOC source over a `VOCdevkit/` folder.
 
@@ -136,7 +155,7 @@ class VOCFolder:
     class_names = VOC_CLASSES
     num_classes = NUM_CLASSES
 
-    def __init__(self, root, splits=TRAIN_SPLITS, max_examples: int = 0):
+    def __init__(self, root, splits=TRAIN_SPLITS, max_examples: int = 0, *, check: bool = True):
         self.root = Path(root)
         self.splits = tuple(splits)
         self.ids = []  # (year, image id)
@@ -149,16 +168,62 @@ class VOCFolder:
             self.ids += [(year, line.strip()) for line in listing.read_text().splitlines()
                          if line.strip()]
         self.ids = self.ids[:_limit(len(self.ids), max_examples)]
+        if check:
+            self.check()
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _paths(self, year: str, image_id: str) -> tuple[Path, Path]:
+        folder = self.root / f"VOC{year}"
+        return folder / "JPEGImages" / f"{image_id}.jpg", folder / "Annotations" / f"{image_id}.xml"
+
     def __getitem__(self, index) -> dict:
         year, image_id = self.ids[_check_index(index, len(self))]
-        folder = self.root / f"VOC{year}"
-        image = read_image(folder / "JPEGImages" / f"{image_id}.jpg")
-        return {"image": image, **parse_annotation(folder / "Annotations" / f"{image_id}.xml"),
-                "image_id": image_id, "image_size": image.shape[:2]}
+        image_path, xml_path = self._paths(year, image_id)
+        image = read_image(image_path)
+        annotation = parse_annotation(xml_path)
+        del annotation["size"]  # `check` compared it with the image's
+        return {"image": image, **annotation, "image_id": image_id, "image_size": image.shape[:2]}
+
+    def check(self) -> None:
+        """Checks every example that can be checked without decoding its image: the split
+        lists against the files, each annotation (`parse_annotation`), the image's size in its
+        file header against the XML's <size>, and that some image holds an object. Raises
+        ValueError listing every bad entry with its file and reason (an image that turns out
+        undecodable later is skipped by the training loader)."""
+        problems, num_objects = [], 0
+        for year, image_id in self.ids:
+            try:
+                num_objects += self._check_entry(year, image_id)
+            except (OSError, ValueError) as error:
+                problems.append(str(error))
+        if problems:
+            raise ValueError(f"{len(problems)} of the {len(self)} examples of {self.root} "
+                             f"{self.splits} are unusable; fix or remove them from the split "
+                             "lists:\n  " + "\n  ".join(problems))
+        if self.ids and not num_objects:
+            raise ValueError(f"no annotation of {self.root} {self.splits} holds an object: "
+                             "there is nothing to learn")
+
+    def _check_entry(self, year: str, image_id: str) -> int:
+        """Raises OSError/ValueError naming the file if the entry is unusable; returns its
+        number of objects."""
+        image_path, xml_path = self._paths(year, image_id)
+        for path in (xml_path, image_path):
+            if not path.is_file():
+                raise OSError(f"{path}: missing (listed in the VOC{year} split list)")
+        annotation = parse_annotation(xml_path)
+        try:
+            with Image.open(image_path) as image:  # reads the header only
+                width, height = image.size
+        except (OSError, Image.DecompressionBombError) as error:
+            raise OSError(f"{image_path}: not a readable image ({error})") from None
+        if (height, width) != annotation["size"]:
+            raise ValueError(f"{xml_path}: <size> says {annotation['size'][1]} x "
+                             f"{annotation['size'][0]} but {image_path.name} is {width} x "
+                             f"{height}")
+        return len(annotation["labels"])
 
 
 def from_tfds_example(example: dict) -> dict:
