@@ -43,7 +43,6 @@ import functools
 import gzip
 import io
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.bench_train import MAX_BOXES, NUM_CLASSES, synthetic_batch
-from experiments.benchlib import machine_info, print_table
+from experiments.benchlib import machine_info, print_table, time_fn
 from reference.priors import prior_boxes
 from ssd_jax.inference import make_predict_fn
 from ssd_jax.loss import multibox_loss
@@ -84,23 +83,12 @@ TINY = Settings("ssd_mini", (2, 4), (1, 2), ("float32", "bfloat16"), repeats=2,
                 matmul_size=256, profile_steps=2)
 
 
-def timed(call, repeats: int) -> float:
-    """Median seconds of `call()` (its outputs waited for), after one warmup call."""
-    jax.block_until_ready(call())
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def measured_peak_tflops(dtype: str, size: int, repeats: int) -> float:
     """TFLOP/s of a jitted [size, size] @ [size, size] matmul in `dtype` on the default device."""
     keys = jax.random.split(jax.random.key(0))
     a, b = (jax.random.normal(key, (size, size), dtype) for key in keys)
     matmul = jax.jit(lambda a, b: a @ b)
-    return 2 * size**3 / timed(lambda: matmul(a, b), repeats) / 1e12
+    return 2 * size**3 / time_fn(lambda: matmul(a, b), warmup=1, repeat=repeats) / 1e12
 
 
 def compile_timed(jitted, *args):
@@ -132,7 +120,7 @@ def jax_train(settings: Settings, batch_size: int, dtype: str, peak: float) -> d
         state, metrics = compiled(state, batch)
         return metrics
 
-    seconds = timed(step, settings.repeats)
+    seconds = time_fn(step, warmup=1, repeat=settings.repeats)
     flops = float(compiled.cost_analysis()["flops"])
     return dict(images_per_s=batch_size / seconds, compile_s=compile_s,
                 gflop_per_image=flops / batch_size / 1e9,
@@ -149,8 +137,8 @@ def jax_inference(settings: Settings, batch_sizes, dtype: str = "float32") -> di
     results = {}
     for size in batch_sizes:
         compiled, compile_s = compile_timed(predict, state.params, state.rest, images[:size])
-        seconds = timed(functools.partial(compiled, state.params, state.rest, images[:size]),
-                        settings.repeats)
+        seconds = time_fn(functools.partial(compiled, state.params, state.rest, images[:size]),
+                          warmup=1, repeat=settings.repeats)
         results[size] = dict(ms=1e3 * seconds, images_per_s=size / seconds, compile_s=compile_s)
     return results
 
@@ -184,14 +172,15 @@ def jax_components(settings: Settings, batch_size: int, dtype: str) -> dict:
         "loss and mining": lambda: loss_fn(*outputs),
         "forward + backward": lambda: gradient_fn(state.params, state.rest, batch),
     }
-    results = {name: 1e3 * timed(call, settings.repeats) for name, call in parts.items()}
+    results = {name: 1e3 * time_fn(call, warmup=1, repeat=settings.repeats)
+               for name, call in parts.items()}
 
     def step():
         nonlocal state
         state, metrics = train_step(state, batch)
         return metrics
 
-    results["whole step"] = 1e3 * timed(step, settings.repeats)
+    results["whole step"] = 1e3 * time_fn(step, warmup=1, repeat=settings.repeats)
     return results
 
 
@@ -307,7 +296,7 @@ def torch_train(settings: Settings, batch_size: int, dtype: str) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds = timed(torch_synced(step), settings.repeats)
+    seconds = time_fn(torch_synced(step), warmup=1, repeat=settings.repeats)
     return dict(images_per_s=batch_size / seconds,
                 peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
 
@@ -322,7 +311,7 @@ def torch_inference(settings: Settings, batch_sizes) -> dict:
         def infer(size=size):
             with torch.inference_mode():
                 return model(images[:size])
-        seconds = timed(torch_synced(infer), settings.repeats)
+        seconds = time_fn(torch_synced(infer), warmup=1, repeat=settings.repeats)
         results[size] = dict(ms=1e3 * seconds, images_per_s=size / seconds)
     return results
 
