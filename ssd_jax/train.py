@@ -28,6 +28,7 @@ from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
 from ssd_jax.evaluation import evaluate_source
+from ssd_jax.finetune import checkpoint_pixel_stats, freeze_backbone, init_from_checkpoint
 from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
                            require_number)
 from ssd_jax.loss import multibox_loss
@@ -52,6 +53,10 @@ class TrainConfig:
     data_dir: str = ""
     model: str = "ssd300"
     backbone_weights: str = ""  # ImageNet VGG16 from experiments.convert_vgg16
+    # A trained detector's checkpoint to start from (ssd_jax.finetune); a workdir that holds a
+    # checkpoint of this run resumes it instead.
+    init_from: str = ""
+    freeze_backbone: bool = False  # no updates to the backbone (fine-tuning on little data)
     image_size: int = 0  # 0: the model's own; ssd_mini accepts other sizes
     dtype: str = "float32"
     batch_size: int = 32
@@ -116,8 +121,15 @@ class TrainConfig:
                 or list(self.decay_steps) != sorted(set(self.decay_steps))):
             raise ConfigError("decay_steps", f"must be increasing steps >= 1, got "
                               f"{self.decay_steps}")
-        if not isinstance(self.augment, bool):
-            raise ConfigError("augment", f"must be True or False, got {self.augment!r}")
+        for field in ("augment", "freeze_backbone"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(field, f"must be True or False, got {getattr(self, field)!r}")
+        if self.init_from and self.backbone_weights:
+            raise ConfigError("init_from", "and --backbone-weights both load the backbone: give "
+                              "one of them")
+        if self.freeze_backbone and not (self.init_from or self.backbone_weights):
+            raise ConfigError("freeze_backbone", "needs a trained backbone: give --init-from or "
+                              "--backbone-weights")
         if self.image_size and self.model != "ssd_mini":
             raise ConfigError("image_size", f"applies to ssd_mini only; {self.model} has the "
                               "fixed input size of its default boxes (leave it 0)")
@@ -163,7 +175,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.caffe_param_groups:
         bias_mask = lambda params: _map_with_name(lambda name: name == "bias", params)  # noqa: E731
         parts.append(optax.masked(optax.scale(2.0), bias_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    return freeze_backbone(tx) if config.freeze_backbone else tx
 
 
 def _map_with_name(fn, params):
@@ -228,6 +241,8 @@ def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelCon
         overrides.setdefault("image_size", config.image_size)
     if config.backbone_weights and "pixel_mean" not in overrides:
         overrides.update(backbone_pixel_stats(config.backbone_weights))
+    if config.init_from and "pixel_mean" not in overrides:
+        overrides.update(checkpoint_pixel_stats(config.init_from))
     return get_config(config.model, num_classes=num_classes, dtype=config.dtype, **overrides)
 
 
@@ -347,11 +362,17 @@ def resume(directory: Path, state: TrainState, config: TrainConfig, class_names)
     return restored
 
 
-def init_training(config: TrainConfig, num_classes: int, mesh):
-    """The model's graph, its train state replicated over `mesh`, and the jitted step."""
+def init_training(config: TrainConfig, num_classes: int, mesh, *, init_from_classes=None):
+    """The model's graph, its train state replicated over `mesh`, and the jitted step.
+
+    With `init_from_classes`, the run's class names, the weights start from the checkpoint
+    `config.init_from` (`finetune.init_from_checkpoint`); a resumed run leaves it None.
+    """
     model = build_model(config, num_classes)
     if config.backbone_weights:
         load_backbone_weights(model, config.backbone_weights)
+    if config.init_from and init_from_classes is not None:
+        init_from_checkpoint(model, init_from_classes, config.init_from)
     tx = make_optimizer(config)
     graphdef, state = create_train_state(model, tx)
     step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config)
@@ -359,7 +380,8 @@ def init_training(config: TrainConfig, num_classes: int, mesh):
 
 
 def train(config: TrainConfig, train_source, eval_source, class_names, *, devices=None) -> dict:
-    """Trains from scratch or resumes from the latest checkpoint in `workdir`.
+    """Trains from scratch (or from `init_from`) or resumes from the latest checkpoint in
+    `workdir`.
 
     `devices` defaults to every device. Writes `workdir`/checkpoints (orbax),
     metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json.
@@ -373,8 +395,12 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     run_model_config = model_config(config, len(class_names))
     image_size = run_model_config.priors.image_size
 
-    graphdef, state, train_step = init_training(config, len(class_names), mesh)
-    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+    # A checkpoint in the workdir wins over --init-from: the run resumes (a checkpoint of
+    # another run, one with another --init-from too, is a RunMismatchError).
+    resuming = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
+    graphdef, state, train_step = init_training(
+        config, len(class_names), mesh, init_from_classes=None if resuming else class_names)
+    if resuming:
         state = resume(workdir / "checkpoints", state, config, class_names)
     start_step = int(state.step)
     if start_step > config.num_steps:
