@@ -65,7 +65,11 @@ def test_two_processes_train_one_run_and_only_process_0_writes(tmp_path):
         [sys.executable, "-m", "tests.distributed_worker", str(workdir), str(out)], cwd=ROOT,
         env=dict(env, JAX_PROCESS_ID=str(process)), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for process in (0, 1)]
-    logs = [worker.communicate(timeout=600)[0] for worker in workers]
+    try:
+        logs = [worker.communicate(timeout=600)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()  # no-op for one that finished; one left waiting on the other dies
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
 
