@@ -35,8 +35,8 @@ from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
 from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
-from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_distributed,
-                              replicate, shard_batch)
+from ssd_jax.sharding import (batch_split, check_batch_size, data_mesh, is_main_process,
+                              maybe_initialize_distributed, replicate, replicated, shard_batch)
 
 
 OPTIMIZERS = {
@@ -193,11 +193,13 @@ def create_train_state(model: SSD, tx: optax.GradientTransformation):
     return graphdef, state
 
 
-def make_train_step(graphdef, tx, priors, config: TrainConfig):
-    """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+def make_train_step(graphdef, tx, priors, config: TrainConfig, mesh):
+    """Returns the jitted `train_step(state, batch) -> (state, metrics)` on `mesh`.
 
     batch: dict with "image" uint8 [B, S, S, 3], "boxes" [B, G, 4] corners,
-    "labels" [B, G] int, "mask" [B, G] bool.
+    "labels" [B, G] int, "mask" [B, G] bool, split along B over the mesh (`shard_batch`).
+    The state is replicated, in and out, and donated: the shardings are stated, so the
+    new state always has the old one's layout and takes over its buffers.
     """
     priors = jnp.asarray(priors)
 
@@ -226,7 +228,9 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
                        learning_rate=learning_rate_schedule(config)(state.step))
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(replicated(mesh), batch_split(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -256,19 +260,23 @@ class MetricsLog:
 
     That rewrite goes through a temporary file and a rename, so a kill leaves the old file or
     the new one, never an empty one. A torn last line (a kill mid-append) is dropped with a note.
+    With `writes=False` (every process of a multi-host run but the main one) the records are
+    only kept in memory.
     """
 
-    def __init__(self, path: Path, start_step: int):
-        self.path = path
+    def __init__(self, path: Path, start_step: int, *, writes: bool = True):
+        self.path, self.writes = path, writes
         self.records = [r for r in read_metrics(path) if r["step"] <= start_step]
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(temporary, path)
+        if writes:
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(temporary, path)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writes:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -375,7 +383,7 @@ def init_training(config: TrainConfig, num_classes: int, mesh, *, init_from_clas
         init_from_checkpoint(model, init_from_classes, config.init_from)
     tx = make_optimizer(config)
     graphdef, state = create_train_state(model, tx)
-    step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config)
+    step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config, mesh)
     return graphdef, replicate(state, mesh), step_fn
 
 
@@ -384,7 +392,8 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     `workdir`.
 
     `devices` defaults to every device. Writes `workdir`/checkpoints (orbax),
-    metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json.
+    metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json; in a multi-host
+    run every process trains and evaluates, process 0 alone writes all but the checkpoints.
     Returns the final evaluation result.
     """
     maybe_initialize_distributed()
@@ -416,19 +425,19 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step,
         shard=(jax.process_index(), jax.process_count()), keep_difficult=config.keep_difficult)
-    predict = inference.make_predict_fn(graphdef, run_model_config)
-    log = MetricsLog(workdir / "metrics.jsonl", start_step)
+    predict = inference.make_predict_fn(graphdef, run_model_config, mesh=mesh)
+    log = MetricsLog(workdir / "metrics.jsonl", start_step, writes=is_main_process())
 
     def run_eval(step):
         result = evaluate_source(predict, state.params, state.rest, eval_source,
                                  batch_size=config.batch_size, max_boxes=config.max_boxes,
-                                 image_size=image_size, num_classes=len(class_names))
+                                 image_size=image_size, num_classes=len(class_names), mesh=mesh)
         if not any(r["step"] == step and "map" in r for r in log.records):  # a finished run's rerun
             log.write({"step": step, "map": result["map"]})
         return result
 
     bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
-               desc="train", unit="step")
+               desc="train", unit="step", disable=not is_main_process())
     pending, last_time = [], time.perf_counter()
     unreadable = 0  # examples replaced by empty ones since this process started
     try:
@@ -458,7 +467,8 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         loader.close()
 
     result = run_eval(config.num_steps)
-    plot_loss_curve(log.records, workdir / "loss_curve.png")
-    summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
-    (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
+    if is_main_process():
+        plot_loss_curve(log.records, workdir / "loss_curve.png")
+        summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
+        (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return result
