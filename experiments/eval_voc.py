@@ -1,10 +1,21 @@
-"""Evaluate a trained SSD on VOC2007 test (or the shapes validation split):
-`python -m experiments.eval_voc --checkpoint DIR [--dataset voc|shapes] [--area-metric]
-[--out OUT]`.
+"""Evaluate a trained SSD on VOC2007 test, a COCO-format split or the shapes validation split:
+`python -m experiments.eval_voc --checkpoint DIR [--dataset voc|coco|shapes] [--data-dir D]
+[--eval-split S] [--metric voc07|voc12|coco] [--out OUT]`.
 
-Runs batched, jitted inference over the data set, prints the per-class AP table and mAP
-(the VOC2007 11-point metric, or the VOC2010+ area metric with --area-metric), and writes
-into OUT (default: eval/ in the training run's folder):
+Runs batched, jitted inference over the data set and scores it by --metric (default: the
+dataset's own, COCO's for coco, VOC2007's 11-point for the others).
+
+--metric coco (pycocotools, `ssd_jax.coco_eval`) prints COCO's table and writes into OUT
+(default: eval/ in the training run's folder):
+
+- detections.json: the detections in the COCO results format ([{"image_id", "category_id",
+  "bbox": [x, y, w, h] pixels of the original image, "score"}], the dataset's own image and
+  category ids), so anyone can score them again against the annotation file.
+- eval.json: the figures AP (@[.5:.95]), AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs,
+  ARm, ARl (null where undefined), and each class's AP.
+
+--metric voc07 (the VOC2007 11-point AP) or voc12 (the VOC2010+ area; --area-metric is the
+same), for any dataset, prints the per-class AP table and mAP and writes into OUT:
 
 - comp4_det_test_<class name>.txt, one per class: the detections in the VOC devkit's results
   format (Main task, competition 4), one line `<image id> <score> <xmin> <ymin> <xmax> <ymax>`
@@ -32,12 +43,12 @@ from flax import nnx
 
 from ssd_jax import inference
 from ssd_jax.checkpoint import checkpoints_folder, load_model
-from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
-from ssd_jax.evaluation import evaluate_source, format_ap_table
+from ssd_jax.data.sources import DATASETS, NATURAL_METRICS, DatasetUnavailableError, get_sources
+from ssd_jax.evaluation import METRICS, evaluate_source, format_ap_table
 from ssd_jax.flags import non_negative_int, positive_int, show_warnings_plainly
 from ssd_jax.plots import plot_precision_recall
 
-METRIC_NAMES = {True: "VOC2007 11-point", False: "VOC2010+ area"}
+METRIC_NAMES = {"voc07": "VOC2007 11-point", "voc12": "VOC2010+ area", "coco": "COCO"}
 RESULTS_FILE = "comp4_det_test_{}.txt"
 
 
@@ -76,12 +87,14 @@ def write_devkit_results(detections, ground_truths, class_names, folder) -> list
 
 
 def summary(result: dict, class_names, metric: str, dataset: str) -> dict:
-    """eval.json's content; NaN (a class without ground truth) becomes null."""
+    """eval.json's content; NaN (a class without ground truth) becomes null. COCO's figures
+    come under their names (AP, AP50, ...)."""
     def number(value):
         return None if math.isnan(value) else float(value)
 
     return {"metric": metric, "dataset": dataset, "num_images": len(result["detections"]),
             "map": number(result["map"]),
+            **{name: number(value) for name, value in result.get("coco", {}).items()},
             "ap": {name: number(ap) for name, ap in zip(class_names, result["ap"])}}
 
 
@@ -92,7 +105,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", required=True,
                         help="a training run's folder (or its checkpoints/ folder)")
     parser.add_argument("--dataset", choices=DATASETS, default="voc")
-    parser.add_argument("--data-dir", default="", help="VOCdevkit folder or TFDS data dir")
+    parser.add_argument("--data-dir", default="",
+                        help="VOCdevkit folder, COCO-format folder or TFDS data dir")
+    parser.add_argument("--eval-split", default="",
+                        help="coco: the split to evaluate (default val2017)")
+    parser.add_argument("--classes", default="",
+                        help="voc: your own class names, comma-separated (default: the data's)")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="default: the dataset's own (coco for coco, voc07 otherwise)")
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--eval-examples", type=non_negative_int, default=0,
@@ -102,6 +122,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None,
                         help="output folder (default: eval/ in the training run's folder)")
     args = parser.parse_args(argv)
+    if args.area_metric and args.metric not in (None, "voc12"):
+        parser.error(f"argument --area-metric: is --metric voc12, not --metric {args.metric}")
+    metric = "voc12" if args.area_metric else args.metric or NATURAL_METRICS[args.dataset]
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")
     show_warnings_plainly()
@@ -115,34 +138,43 @@ def main(argv=None) -> dict:
     try:
         _, source, dataset_classes = get_sources(args.dataset, image_size=image_size,
                                                  eval_examples=args.eval_examples,
-                                                 data_dir=args.data_dir)
+                                                 data_dir=args.data_dir,
+                                                 eval_split=args.eval_split,
+                                                 classes=args.classes)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
     class_names = list(loaded.class_names)
     if list(dataset_classes) != class_names:
         sys.exit(f"error: the checkpoint was trained on the classes {class_names}, not on "
                  f"--dataset {args.dataset}'s {list(dataset_classes)}")
-    use_07_metric = not args.area_metric
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The checkpoint's own inference settings and resize (a converted peer's are the peer's).
     predict = inference.make_predict_fn(graphdef, model.config, loaded.inference)
     # Scoring reads each image's unpadded ground truth; the padded targets go unused.
     result = evaluate_source(predict, params, rest, source, batch_size=args.batch_size,
                              max_boxes=1, image_size=image_size, num_classes=len(class_names),
-                             resize=loaded.inference.resize, use_07_metric=use_07_metric,
-                             return_curves=True)
+                             resize=loaded.inference.resize, metric=metric,
+                             class_names=class_names,
+                             **({} if metric == "coco" else {"return_curves": True}))
 
-    metric = METRIC_NAMES[use_07_metric]
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    write_devkit_results(result["detections"], result["ground_truths"], class_names, out)
-    plot_precision_recall(result, class_names, out / "pr_curves.png",
-                          title=f"{args.dataset}: mAP {result['map']:.4f} ({metric})")
-    report = summary(result, class_names, metric, args.dataset)
+    name = METRIC_NAMES[metric]
+    if metric == "coco":
+        (out / "detections.json").write_text(json.dumps(result["results"]))
+        written = "detections.json, eval.json"
+    else:
+        write_devkit_results(result["detections"], result["ground_truths"], class_names, out)
+        plot_precision_recall(result, class_names, out / "pr_curves.png",
+                              title=f"{args.dataset}: mAP {result['map']:.4f} ({name})")
+        written = f"{RESULTS_FILE.format('<class>')}, pr_curves.png, eval.json"
+    report = summary(result, class_names, name, args.dataset)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
-    print(f"{metric} AP on {len(result['detections'])} {args.dataset} images")
+    print(f"{name} AP on {len(result['detections'])} {args.dataset} images")
+    if metric == "coco":
+        print(result["table"])
     print(format_ap_table(result, class_names))
-    print(f"wrote {out}/: {RESULTS_FILE.format('<class>')}, pr_curves.png, eval.json")
+    print(f"wrote {out}/: {written}")
     return result
 
 

@@ -109,6 +109,15 @@ SSD512 = PriorConfig(
     aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
 )
 
+# The COCO default boxes of the Caffe release (ssd_coco.py; paper section 3.4): smaller
+# objects than VOC's, so conv4_3 at 0.07 and the rest 0.15..0.87 (SSD300), 0.04 and 0.1..0.9
+# (SSD512), the same maps, steps and aspect ratios.
+SSD300_COCO = dataclasses.replace(
+    SSD300, min_sizes=(21, 45, 99, 153, 207, 261), max_sizes=(45, 99, 153, 207, 261, 315))
+SSD512_COCO = dataclasses.replace(
+    SSD512, min_sizes=(20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8),
+    max_sizes=(51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72))
+
 
 def cell_boxes(config: PriorConfig, k: int) -> list[tuple[float, float]]:
     """(w, h) of the default boxes of one cell of map k, normalized to [0, 1].

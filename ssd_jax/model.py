@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reference.priors import SSD300, SSD512, PriorConfig
+from reference.priors import SSD300, SSD300_COCO, SSD512, SSD512_COCO, PriorConfig
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -222,7 +222,20 @@ def ssd_mini(num_classes: int = 3, image_size: int = 128, dtype: str = "float32"
     return dataclasses.replace(config, **overrides)
 
 
-CONFIGS = {"ssd300": ssd300, "ssd512": ssd512, "ssd_mini": ssd_mini}
+def ssd300_coco(num_classes: int = 80, dtype: str = "float32", **overrides) -> ModelConfig:
+    """SSD300 with the Caffe release's COCO default boxes (reference.priors.SSD300_COCO)."""
+    return ssd300(num_classes, dtype, **{"name": "ssd300_coco", "priors": SSD300_COCO,
+                                         **overrides})
+
+
+def ssd512_coco(num_classes: int = 80, dtype: str = "float32", **overrides) -> ModelConfig:
+    """SSD512 with the COCO default boxes of the paper (reference.priors.SSD512_COCO)."""
+    return ssd512(num_classes, dtype, **{"name": "ssd512_coco", "priors": SSD512_COCO,
+                                         **overrides})
+
+
+CONFIGS = {"ssd300": ssd300, "ssd512": ssd512, "ssd_mini": ssd_mini,
+           "ssd300_coco": ssd300_coco, "ssd512_coco": ssd512_coco}
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -27,6 +27,7 @@ from ssd_jax.checkpoint import (checkpoint_manager, checkpoint_meta, checkpoint_
 from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
+from ssd_jax.data.sources import NATURAL_METRICS
 from ssd_jax.evaluation import evaluate_source
 from ssd_jax.finetune import checkpoint_pixel_stats, freeze_backbone, init_from_checkpoint
 from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
@@ -51,6 +52,11 @@ class TrainConfig:
 
     dataset: str = "voc"
     data_dir: str = ""
+    # The splits of a COCO-format folder ("": train2017, val2017) or of a VOC-format folder
+    # of your own ("": trainval, test).
+    train_split: str = ""
+    eval_split: str = ""
+    classes: str = ""  # voc: your own class names, comma-separated ("": from the data)
     model: str = "ssd300"
     backbone_weights: str = ""  # ImageNet VGG16 from experiments.convert_vgg16
     # A trained detector's checkpoint to start from (ssd_jax.finetune); a workdir that holds a
@@ -417,7 +423,9 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
                           f"checkpoint in {workdir}: raise it to train on, or use another "
                           "--workdir")
     manager = checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    meta = checkpoint_meta(run_model_config, class_names, train=dataclasses.asdict(config))
+    # A dataset's own label ids (COCO category ids) are what the checkpoint reports.
+    meta = checkpoint_meta(run_model_config, class_names, train=dataclasses.asdict(config),
+                           label_ids=getattr(train_source, "label_ids", None))
     transform = (ssd_train_transform(image_size, mean=run_model_config.pixel_mean)
                  if config.augment else None)
     loader = pipeline.make_train_loader(
@@ -431,9 +439,11 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     def run_eval(step):
         result = evaluate_source(predict, state.params, state.rest, eval_source,
                                  batch_size=config.batch_size, max_boxes=config.max_boxes,
-                                 image_size=image_size, num_classes=len(class_names), mesh=mesh)
+                                 image_size=image_size, num_classes=len(class_names), mesh=mesh,
+                                 metric=NATURAL_METRICS.get(config.dataset, "voc07"),
+                                 class_names=class_names)
         if not any(r["step"] == step and "map" in r for r in log.records):  # a finished run's rerun
-            log.write({"step": step, "map": result["map"]})
+            log.write({"step": step, "map": result["map"], **result.get("coco", {})})
         return result
 
     bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
@@ -469,6 +479,7 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     result = run_eval(config.num_steps)
     if is_main_process():
         plot_loss_curve(log.records, workdir / "loss_curve.png")
-        summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
+        summary = {"map": result["map"], **result.get("coco", {}),
+                   "ap": dict(zip(class_names, map(float, result["ap"])))}
         (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return result

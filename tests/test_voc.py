@@ -372,3 +372,45 @@ def test_boxes_partly_outside_the_image_are_clipped_with_and_without_augmentatio
     degenerate = dict(example, boxes=np.array([[1.1, 0.1, 1.5, 0.9]], np.float32))
     with pytest.raises(ValueError, match="example 000001: box 0 .* is degenerate"):
         pipeline.clip_boxes(degenerate)
+
+
+def _own_voc_folder(root):
+    """A VOC-format folder of one's own: no year, classes that are not VOC's."""
+    images = {"train": {"a1": (40, 30, [("widget", 2, 3, 20, 25, False),
+                                         ("gadget", 10, 5, 39, 30, True)]),
+                        "a2": (30, 30, [("gadget", 1, 1, 15, 15, False)])},
+              "val": {"b1": (32, 24, [("widget", 5, 5, 30, 20, False)])}}
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, entries in images.items():
+        for index, (image_id, (width, height, objects)) in enumerate(entries.items()):
+            _write_image(root / "JPEGImages" / f"{image_id}.jpg", width, height, "RGB", index)
+            (root / "Annotations" / f"{image_id}.xml").write_text(
+                voc.annotation_xml(width, height, objects))
+        (root / "ImageSets/Main" / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return root
+
+
+def test_a_voc_format_folder_of_your_own_takes_its_classes_from_the_annotations(tmp_path):
+    folder = _own_voc_folder(tmp_path)
+    train, val, names = get_sources("voc", image_size=64, data_dir=str(folder),
+                                    train_split="train", eval_split="val")
+    assert names == ("gadget", "widget") == val.class_names and len(train) == 2
+    first = train[0]
+    np.testing.assert_array_equal(first["labels"], [2, 1])
+    np.testing.assert_array_equal(first["difficult"], [False, True])  # honoured as for VOC
+    assert pipeline.pad_targets(first, 4)["mask"].sum() == 1  # difficult dropped in training
+    np.testing.assert_array_equal(val[0]["labels"], [2])
+
+
+def test_classes_given_on_the_command_line_set_the_label_order_and_are_checked(tmp_path):
+    folder = _own_voc_folder(tmp_path)
+    train, _, names = get_sources("voc", image_size=64, data_dir=str(folder),
+                                  train_split="train", eval_split="val",
+                                  classes="Widget, gadget")
+    assert names == ("widget", "gadget")
+    np.testing.assert_array_equal(train[0]["labels"], [1, 2])
+    with pytest.raises(ValueError, match=r"a1.xml: unknown class 'gadget', expected one of "
+                                         r"\('widget',\)"):
+        get_sources("voc", image_size=64, data_dir=str(folder), train_split="train",
+                    eval_split="val", classes="widget")

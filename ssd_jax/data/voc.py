@@ -62,10 +62,10 @@ def _limit(total: int, max_examples: int) -> int:
     return min(total, max_examples) if max_examples > 0 else total
 
 
-def parse_annotation(path) -> dict:
+def parse_annotation(path, class_names=VOC_CLASSES) -> dict:
     """One VOC XML annotation -> {"boxes": float32 [G, 4] corners (xmin, ymin, xmax, ymax) in
-    [0, 1], "labels": int32 [G] in 1..20, "difficult": bool [G], "size": (height, width) the XML
-    states}, objects in file order.
+    [0, 1], "labels": int32 [G] in 1..C (index in `class_names` + 1), "difficult": bool [G],
+    "size": (height, width) the XML states}, objects in file order.
 
     Raises ValueError naming the file and what is wrong with it: not XML, a missing or
     non-numeric <size> or box coordinate, an unknown class, a degenerate box (xmax <= xmin or
@@ -82,10 +82,10 @@ def parse_annotation(path) -> dict:
             raise ValueError(f"<size> is {width:g} x {height:g}, not a positive size")
         boxes, labels, difficult = [], [], []
         for number, obj in enumerate(root.findall("object")):  # direct children, as TFDS reads
-            name = obj.findtext("name", "").strip().lower()
-            if name not in VOC_CLASSES:
-                raise ValueError(f"unknown class {name!r}, expected one of {VOC_CLASSES}")
-            labels.append(VOC_CLASSES.index(name) + 1)
+            name = _class_name(obj)
+            if name not in class_names:
+                raise ValueError(f"unknown class {name!r}, expected one of {tuple(class_names)}")
+            labels.append(class_names.index(name) + 1)
             difficult.append(obj.findtext("difficult", "0").strip() == "1")
             boxes.append([_number(obj, f"bndbox/{key}")
                           for key in ("xmin", "ymin", "xmax", "ymax")])
@@ -99,6 +99,23 @@ def parse_annotation(path) -> dict:
         "difficult": np.asarray(difficult, bool),
         "size": (int(height), int(width)),
     }
+
+
+def _class_name(obj) -> str:
+    return obj.findtext("name", "").strip().lower()
+
+
+def class_names_in(xml_paths) -> tuple[str, ...]:
+    """The class names the annotation files use, sorted: a VOC-format dataset's own classes.
+    Raises ValueError naming a file that is not XML."""
+    names = set()
+    for path in xml_paths:
+        try:
+            names.update(_class_name(obj)
+                         for obj in ElementTree.parse(path).getroot().findall("object"))
+        except ElementTree.ParseError as error:
+            raise ValueError(f"{path}: not valid XML ({error})") from None
+    return tuple(sorted(names))
 
 
 def _number(element, tag: str) -> float:
@@ -144,23 +161,25 @@ def annotation_xml(width: int, height: int, objects) -> str:
 
 
 class VOCFolder:
-    """Random-access VOC source over a `VOCdevkit/` folder.
+    """Random-access VOC source over a `VOCdevkit/` folder, or a VOC-format folder of your own.
 
     Args:
-      root: the VOCdevkit folder (it holds VOC2007/, VOC2012/, ...).
+      root: the VOCdevkit folder (it holds VOC2007/, VOC2012/, ...), or a folder in the layout
+        of one year's (Annotations/, JPEGImages/, ImageSets/Main/), whose year is "".
       splits: (year, image set) pairs, concatenated in order, e.g. TRAIN_SPLITS or TEST_SPLITS.
       max_examples: keep only the first this many examples (0: all).
+      class_names: the classes, labels 1..C in this order (default: VOC's 20).
     """
 
-    class_names = VOC_CLASSES
-    num_classes = NUM_CLASSES
-
-    def __init__(self, root, splits=TRAIN_SPLITS, max_examples: int = 0, *, check: bool = True):
+    def __init__(self, root, splits=TRAIN_SPLITS, max_examples: int = 0, *, check: bool = True,
+                 class_names=VOC_CLASSES):
         self.root = Path(root)
         self.splits = tuple(splits)
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
         self.ids = []  # (year, image id)
         for year, image_set in self.splits:
-            listing = self.root / f"VOC{year}" / "ImageSets" / "Main" / f"{image_set}.txt"
+            listing = self._folder(year) / "ImageSets" / "Main" / f"{image_set}.txt"
             if not listing.is_file():
                 raise FileNotFoundError(
                     f"VOC{year} {image_set} split list not found: expected {listing} "
@@ -174,15 +193,18 @@ class VOCFolder:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _folder(self, year: str) -> Path:
+        return self.root / f"VOC{year}" if year else self.root
+
     def _paths(self, year: str, image_id: str) -> tuple[Path, Path]:
-        folder = self.root / f"VOC{year}"
+        folder = self._folder(year)
         return folder / "JPEGImages" / f"{image_id}.jpg", folder / "Annotations" / f"{image_id}.xml"
 
     def __getitem__(self, index) -> dict:
         year, image_id = self.ids[_check_index(index, len(self))]
         image_path, xml_path = self._paths(year, image_id)
         image = read_image(image_path)
-        annotation = parse_annotation(xml_path)
+        annotation = parse_annotation(xml_path, self.class_names)
         del annotation["size"]  # `check` compared it with the image's
         return {"image": image, **annotation, "image_id": image_id, "image_size": image.shape[:2]}
 
@@ -213,7 +235,7 @@ class VOCFolder:
         for path in (xml_path, image_path):
             if not path.is_file():
                 raise OSError(f"{path}: missing (listed in the VOC{year} split list)")
-        annotation = parse_annotation(xml_path)
+        annotation = parse_annotation(xml_path, self.class_names)
         try:
             with Image.open(image_path) as image:  # reads the header only
                 width, height = image.size
@@ -282,24 +304,46 @@ def tfds_prepared(data_dir=None, years=TFDS_YEARS) -> bool:
     return all(tfds.builder(f"voc/{year}", data_dir=data_dir).is_prepared() for year in years)
 
 
-def find_voc(data_dir=None, *, train_examples: int = 0, test_examples: int = 0):
+def own_folder_sources(folder, splits=("trainval", "test"), class_names=(), *,
+                       train_examples: int = 0, test_examples: int = 0):
+    """(train, test) sources of a VOC-format folder of your own (Annotations/, JPEGImages/,
+    ImageSets/Main/<split>.txt): the image sets `splits`, the classes `class_names`, or those
+    the training split's annotations name (sorted)."""
+    train = VOCFolder(folder, (("", splits[0]),), train_examples, check=False)
+    if not class_names:
+        xml_paths = (train._paths(year, image_id)[1] for year, image_id in train.ids)
+        class_names = class_names_in(path for path in xml_paths if path.is_file())
+    return (VOCFolder(folder, (("", splits[0]),), train_examples, class_names=class_names),
+            VOCFolder(folder, (("", splits[1]),), test_examples, class_names=class_names))
+
+
+def find_voc(data_dir=None, *, train_examples: int = 0, test_examples: int = 0,
+             class_names=(), splits=("", "")):
     """The paper's (train, test) sources from `data_dir`, which is either a VOCdevkit folder, a
     folder holding one, or a TFDS data dir with voc/2007 and voc/2012 prepared (None or "": TFDS's
-    default). Raises FileNotFoundError saying what was looked for."""
+    default); or a VOC-format folder of your own (`own_folder_sources`, image sets `splits`,
+    default trainval and test). `class_names` replace VOC's 20 (folders only).
+    Raises FileNotFoundError saying what was looked for."""
     if data_dir:
         folder = Path(data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"VOC data dir {folder} does not exist")
+        if (folder / "Annotations").is_dir():
+            return own_folder_sources(folder, (splits[0] or "trainval", splits[1] or "test"),
+                                      class_names, train_examples=train_examples,
+                                      test_examples=test_examples)
+        names = tuple(class_names) or VOC_CLASSES
         for devkit in (folder, folder / "VOCdevkit"):
             if (devkit / "VOC2007").is_dir():
-                return (VOCFolder(devkit, TRAIN_SPLITS, train_examples),
-                        VOCFolder(devkit, TEST_SPLITS, test_examples))
+                return (VOCFolder(devkit, TRAIN_SPLITS, train_examples, class_names=names),
+                        VOCFolder(devkit, TEST_SPLITS, test_examples, class_names=names))
     if tfds_prepared(data_dir or None):
         return (VOCTfds(TRAIN_SPLITS, data_dir or None, train_examples),
                 VOCTfds(TEST_SPLITS, data_dir or None, test_examples))
     where = data_dir or f"the default TFDS data dir ({tfds.core.constants.DATA_DIR})"
     raise FileNotFoundError(f"no PASCAL VOC in {where}: expected a VOCdevkit folder (with "
-                            "VOC2007/ and VOC2012/) or TFDS-prepared voc/2007 and voc/2012")
+                            "VOC2007/ and VOC2012/), a VOC-format folder (Annotations/, "
+                            "JPEGImages/, ImageSets/Main/) or TFDS-prepared voc/2007 and voc/2012")
 
 
 def _require_prepare_dependencies() -> None:
