@@ -283,8 +283,9 @@ class LoadedModel:
 
 
 def checkpoints_folder(directory) -> Path:
-    """A run's checkpoints/ folder for a run folder, else `directory` itself."""
-    directory = Path(directory)
+    """A run's checkpoints/ folder for a run folder, else `directory` itself; absolute (orbax
+    reads no array metadata through a relative path)."""
+    directory = Path(directory).absolute()
     return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
 
 

@@ -126,3 +126,9 @@ def test_a_record_must_name_every_class_once():
 def test_missing_checkpoint_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nothing")
+
+
+def test_a_checkpoint_loads_through_a_relative_path(tmp_path, monkeypatch):
+    write_untrained_checkpoint(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert load_model("run").step == 0

@@ -86,6 +86,7 @@ class COCOAnnotations:
       path: the file.
       category_ids: the dataset's category ids in label order (sorted), C of them.
       class_names: their names.
+      labels: category id -> label (1..C).
       images: the "images" entries in file order.
       annotations: image id -> its usable annotation entries (crowd included), with "bbox"
         clipped to the image; "area" and "iscrowd" filled in where the export left them out.
@@ -114,6 +115,7 @@ class COCOAnnotations:
         problems = []
         categories = self._categories(data["categories"], problems)
         self.category_ids = tuple(sorted(categories))
+        self.labels = {category_id: label for label, category_id in enumerate(self.category_ids, 1)}
         self.class_names = tuple(categories[i] for i in self.category_ids)
         self.images = self._images(data["images"], problems)
         sizes = {image["id"]: (image["width"], image["height"]) for image in self.images}
@@ -198,8 +200,7 @@ class COCOAnnotations:
         corners = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in objects)]
         return {
             "boxes": (np.asarray(corners, np.float64).reshape(-1, 4) / scale).astype(np.float32),
-            "labels": np.asarray([self.category_ids.index(a["category_id"]) + 1 for a in objects],
-                                 np.int32),
+            "labels": np.asarray([self.labels[a["category_id"]] for a in objects], np.int32),
             "difficult": np.zeros(len(objects), bool),
         }
 
