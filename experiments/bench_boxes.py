@@ -5,7 +5,9 @@
 Times, on SSD300's 8732 priors:
   * IoU of the priors against 50 boxes ([8732, 50]);
   * training targets (matching + encoding) of a batch of 32 images with 1..50
-    objects each, padded to 50 slots with a mask (`build_targets`);
+    objects each, padded to 50 slots with a mask (`build_targets`), with each
+    rule of matching's step 1: Caffe's bipartite one (the default) and the
+    argmax shortcut (torchvision's SSDMatcher, which is timed in both rows);
   * `detect` on one image's raw outputs (20 classes; background dominates, a
     few confident objects are covered by clusters of priors, so NMS has real
     work), for a typical output and a dense one that fills every class's 400
@@ -29,6 +31,7 @@ elementwise ops are single-threaded. Pin everything to fewer cores with
 `taskset`: the usable core count follows the affinity mask.
 """
 import argparse
+import functools
 import statistics
 import types
 
@@ -73,7 +76,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    rows, workloads = run(args.rounds, args.repeat, args.torch_threads, args.seed)
+    rows, notes = run(args.rounds, args.repeat, args.torch_threads, args.seed)
     print(machine_info())
     print(f"Threads: XLA CPU pool {cpu_threads()}, torch "
           f"{torch.get_num_threads() if torch is not None else 'n/a (not installed)'}, "
@@ -81,36 +84,55 @@ def main(argv=None) -> None:
     print()
     print_table(rows)
     print()
-    print("\n".join(workloads))
+    print("\n".join(notes))
 
 
 def run(rounds: int = 5, repeat: int = 10, torch_threads: int | None = None,
         seed: int = 0) -> tuple[list[dict], list[str]]:
-    """The table's rows, one per operation, and a line describing each detection workload."""
+    """The table's rows, one per operation, and notes: the matching rules' time ratio and a
+    line describing each detection workload."""
     if torch is not None:
         torch.set_num_threads(torch_threads or cpu_threads())
     rng = np.random.default_rng(seed)
     priors = prior_boxes(SSD300).astype(np.float32)
-    rows = [_row("IoU [8732 x 50]", _iou_benchmark(rng, priors), rounds, repeat),
-            _row(f"build_targets (B={BATCH}, G={GT_SLOTS})", _targets_benchmark(rng, priors),
-                 rounds, repeat)]
-    workloads = []
+    rows = [_row("IoU [8732 x 50]", _time_in_turns(_iou_benchmark(rng, priors), rounds, repeat))]
+    # Both rules' calls take turns in the same rounds, so their ratio is a paired one.
+    targets = _time_in_turns(_targets_benchmark(rng, priors), rounds, repeat)
+    for rule in reference_matching.RULES:
+        times = {name: targets[rule, name] for name in ("reference", "jax")}
+        if "torchvision" in targets:
+            times["torchvision"] = targets["torchvision"]
+        rows.append(_row(f"build_targets, {rule} (B={BATCH}, G={GT_SLOTS})", times))
+    ratios = [b / a for b, a in zip(targets[("bipartite", "jax")], targets[("argmax", "jax")])]
+    notes = [f"build_targets: the bipartite rule takes {statistics.median(ratios):.2f}x the "
+             "argmax rule's time in JAX (median over rounds of the ratio within a round); "
+             "torchvision's SSDMatcher is the argmax rule"]
     for name, margin in ("typical", TYPICAL_MARGIN), ("dense", DENSE_MARGIN):
         detect_fns, workload = _detect_benchmark(rng, priors, margin)
-        rows.append(_row(f"detect, {name} (P={len(priors)}, C={NUM_CLASSES})", detect_fns,
-                         rounds, repeat))
-        workloads.append(f"detect, {name}: {workload}")
-    return rows, workloads
+        rows.append(_row(f"detect, {name} (P={len(priors)}, C={NUM_CLASSES})",
+                         _time_in_turns(detect_fns, rounds, repeat)))
+        notes.append(f"detect, {name}: {workload}")
+    return rows, notes
 
 
-def _row(operation, fns, rounds, repeat_per_round):
-    """Times {'reference', 'jax', 'torchvision'} callables, taking turns, into one table row."""
+def _time_in_turns(fns, rounds, repeat_per_round):
+    """{name: [each round's median seconds]} of callables that take turns, round by round.
+
+    A name is 'reference', 'jax' or 'torchvision', or a (variant, such a name) pair;
+    the reference, slow, is called once per round.
+    """
     round_medians = {name: [] for name in fns}
     for turn in range(rounds):
         for name, fn in fns.items():
-            repeat = 1 if name == "reference" else repeat_per_round
-            warmup = (1 if name == "reference" else 3) if turn == 0 else 0
+            reference = "reference" in (name if isinstance(name, tuple) else (name,))
+            repeat = 1 if reference else repeat_per_round
+            warmup = (1 if reference else 3) if turn == 0 else 0
             round_medians[name].append(time_fn(fn, warmup=warmup, repeat=repeat))
+    return round_medians
+
+
+def _row(operation, round_medians):
+    """One table row from the round medians of 'reference', 'jax' and maybe 'torchvision'."""
     seconds = {name: statistics.median(times) for name, times in round_medians.items()}
     torchvision_s = seconds.get("torchvision")
     return {"operation": operation,
@@ -142,11 +164,13 @@ def _targets_benchmark(rng, priors):
     gt_labels = np.where(gt_mask, rng.integers(1, NUM_CLASSES + 1, (BATCH, GT_SLOTS)), 0)
     gt_boxes, gt_labels = gt_boxes.astype(np.float32), gt_labels.astype(np.int32)
 
-    build_targets = jax.jit(matching.build_targets)
     jax_args = [jnp.asarray(x) for x in (gt_boxes, gt_labels, gt_mask, priors)]
-    fns = {"reference": lambda: reference_matching.build_targets(gt_boxes, gt_labels, gt_mask,
-                                                                 priors),
-           "jax": lambda: build_targets(*jax_args)}
+    fns = {}
+    for rule in reference_matching.RULES:
+        build_targets = jax.jit(functools.partial(matching.build_targets, rule=rule))
+        fns[rule, "reference"] = functools.partial(reference_matching.build_targets, gt_boxes,
+                                                   gt_labels, gt_mask, priors, rule=rule)
+        fns[rule, "jax"] = functools.partial(build_targets, *jax_args)
     if torch is not None:
         # torchvision takes each image's real boxes, unpadded, and corner-form priors.
         images = [(torch.from_numpy(b[m]), torch.from_numpy(l[m]).long())

@@ -51,7 +51,10 @@ def main(argv=None) -> None:
         check_batch_size(config.batch_size, data_mesh())
     except ValueError as error:
         usage_error(parser, "batch_size", str(error).removeprefix("batch_size "))
-    image_size = model_config(config, num_classes=1).priors.image_size
+    try:
+        image_size = model_config(config, num_classes=1).priors.image_size
+    except ConfigError as error:  # an --init-from checkpoint that cannot be read
+        usage_error(parser, error.field, error.problem)
     try:
         train_source, eval_source, class_names = get_sources(
             config.dataset, image_size=image_size, train_examples=config.train_examples,
@@ -60,7 +63,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: {error}")
     try:
         result = train(config, train_source, eval_source, class_names)
-    except ConfigError as error:  # a flag that does not fit the checkpoint in --workdir
+    except ConfigError as error:  # a flag that does not fit --workdir's or --init-from's checkpoint
         usage_error(parser, error.field, error.problem)
     except (DamagedCheckpointError, RunMismatchError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

@@ -11,6 +11,7 @@ from reference.priors import prior_boxes
 from ssd_jax.data.resize import RESIZE_MODES
 from reference.validation import check_positive_int, check_threshold
 from ssd_jax.nms import detect
+from ssd_jax.sharding import batch_split, replicated
 
 CANDIDATE_MODES = ("per_class", "per_level")
 
@@ -84,23 +85,32 @@ class InferenceConfig:
                     drop_empty_boxes=self.drop_empty_boxes)
 
 
-def make_predict_fn(graphdef, model_config, settings: InferenceConfig = InferenceConfig()):
+def make_predict_fn(graphdef, model_config, settings: InferenceConfig = InferenceConfig(),
+                    mesh=None):
     """Returns jitted `predict(params, rest, images[B,S,S,3]) -> dict` of
     boxes [B,K,4] (normalized corners), scores [B,K], labels [B,K] (1..C), valid [B,K]
-    for the model of `graphdef` and its ModelConfig `model_config`."""
+    for the model of `graphdef` and its ModelConfig `model_config`.
+
+    With a `mesh` (`sharding.data_mesh`), the images are split over its devices along B
+    (pass them as `sharding.shard_global_batch` makes them; B a multiple of the device count)
+    with the model replicated, and the (small) outputs come back replicated, so that every
+    process can read all of them.
+    """
     options = settings.detect_options(model_config)
     priors = jnp.asarray(prior_boxes(model_config.priors))
 
     def detect_one(loc, conf_logits):
         return detect(loc, conf_logits, priors, **options)
 
-    @jax.jit
     def predict(params, rest, images):
         loc, conf_logits = nnx.merge(graphdef, params, rest)(images)
         boxes, scores, labels, valid = jax.vmap(detect_one)(loc, conf_logits)
         return dict(boxes=boxes, scores=scores, labels=labels, valid=valid)
 
-    return predict
+    if mesh is None:
+        return jax.jit(predict)
+    return jax.jit(predict, in_shardings=(replicated(mesh), replicated(mesh), batch_split(mesh)),
+                   out_shardings=replicated(mesh))
 
 
 def unbatch_detections(outputs: dict, keep=None) -> list[dict]:

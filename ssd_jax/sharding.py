@@ -38,12 +38,33 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> int:
     return batch_size // jax.process_count()
 
 
+def is_main_process() -> bool:
+    """True on process 0, the one that writes a run's logs, plots and results (every process
+    computes; orbax coordinates the checkpoint writes itself)."""
+    return jax.process_index() == 0
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_split(mesh: Mesh) -> NamedSharding:
+    """Axis 0 (the batch) split over the mesh's data axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(tree, replicated(mesh))
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Puts this process's slice of the global batch on its devices, split along B."""
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    return {key: jax.make_array_from_process_local_data(batch_split(mesh), np.asarray(value))
             for key, value in local_batch.items()}
+
+
+def shard_global_batch(array, mesh: Mesh) -> jax.Array:
+    """Puts a batch that every process holds whole on the mesh, split along B: each process
+    hands its own devices their rows."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, batch_split(mesh), lambda index: array[index])

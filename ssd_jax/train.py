@@ -28,14 +28,15 @@ from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
 from ssd_jax.data import pipeline
 from ssd_jax.data.augment import ssd_train_transform
 from ssd_jax.evaluation import evaluate_source
+from ssd_jax.finetune import checkpoint_pixel_stats, freeze_backbone, init_from_checkpoint
 from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
                            require_number)
 from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
 from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
-from ssd_jax.sharding import (check_batch_size, data_mesh, maybe_initialize_distributed,
-                              replicate, shard_batch)
+from ssd_jax.sharding import (batch_split, check_batch_size, data_mesh, is_main_process,
+                              maybe_initialize_distributed, replicate, replicated, shard_batch)
 
 
 OPTIMIZERS = {
@@ -52,6 +53,10 @@ class TrainConfig:
     data_dir: str = ""
     model: str = "ssd300"
     backbone_weights: str = ""  # ImageNet VGG16 from experiments.convert_vgg16
+    # A trained detector's checkpoint to start from (ssd_jax.finetune); a workdir that holds a
+    # checkpoint of this run resumes it instead.
+    init_from: str = ""
+    freeze_backbone: bool = False  # no updates to the backbone (fine-tuning on little data)
     image_size: int = 0  # 0: the model's own; ssd_mini accepts other sizes
     dtype: str = "float32"
     batch_size: int = 32
@@ -116,8 +121,15 @@ class TrainConfig:
                 or list(self.decay_steps) != sorted(set(self.decay_steps))):
             raise ConfigError("decay_steps", f"must be increasing steps >= 1, got "
                               f"{self.decay_steps}")
-        if not isinstance(self.augment, bool):
-            raise ConfigError("augment", f"must be True or False, got {self.augment!r}")
+        for field in ("augment", "freeze_backbone"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(field, f"must be True or False, got {getattr(self, field)!r}")
+        if self.init_from and self.backbone_weights:
+            raise ConfigError("init_from", "and --backbone-weights both load the backbone: give "
+                              "one of them")
+        if self.freeze_backbone and not (self.init_from or self.backbone_weights):
+            raise ConfigError("freeze_backbone", "needs a trained backbone: give --init-from or "
+                              "--backbone-weights")
         if self.image_size and self.model != "ssd_mini":
             raise ConfigError("image_size", f"applies to ssd_mini only; {self.model} has the "
                               "fixed input size of its default boxes (leave it 0)")
@@ -163,7 +175,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.caffe_param_groups:
         bias_mask = lambda params: _map_with_name(lambda name: name == "bias", params)  # noqa: E731
         parts.append(optax.masked(optax.scale(2.0), bias_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    return freeze_backbone(tx) if config.freeze_backbone else tx
 
 
 def _map_with_name(fn, params):
@@ -180,11 +193,13 @@ def create_train_state(model: SSD, tx: optax.GradientTransformation):
     return graphdef, state
 
 
-def make_train_step(graphdef, tx, priors, config: TrainConfig):
-    """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+def make_train_step(graphdef, tx, priors, config: TrainConfig, mesh):
+    """Returns the jitted `train_step(state, batch) -> (state, metrics)` on `mesh`.
 
     batch: dict with "image" uint8 [B, S, S, 3], "boxes" [B, G, 4] corners,
-    "labels" [B, G] int, "mask" [B, G] bool.
+    "labels" [B, G] int, "mask" [B, G] bool, split along B over the mesh (`shard_batch`).
+    The state is replicated, in and out, and donated: the shardings are stated, so the
+    new state always has the old one's layout and takes over its buffers.
     """
     priors = jnp.asarray(priors)
 
@@ -213,7 +228,9 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig):
                        learning_rate=learning_rate_schedule(config)(state.step))
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(replicated(mesh), batch_split(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -228,6 +245,8 @@ def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelCon
         overrides.setdefault("image_size", config.image_size)
     if config.backbone_weights and "pixel_mean" not in overrides:
         overrides.update(backbone_pixel_stats(config.backbone_weights))
+    if config.init_from and "pixel_mean" not in overrides:
+        overrides.update(checkpoint_pixel_stats(config.init_from))
     return get_config(config.model, num_classes=num_classes, dtype=config.dtype, **overrides)
 
 
@@ -241,19 +260,23 @@ class MetricsLog:
 
     That rewrite goes through a temporary file and a rename, so a kill leaves the old file or
     the new one, never an empty one. A torn last line (a kill mid-append) is dropped with a note.
+    With `writes=False` (every process of a multi-host run but the main one) the records are
+    only kept in memory.
     """
 
-    def __init__(self, path: Path, start_step: int):
-        self.path = path
+    def __init__(self, path: Path, start_step: int, *, writes: bool = True):
+        self.path, self.writes = path, writes
         self.records = [r for r in read_metrics(path) if r["step"] <= start_step]
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(temporary, path)
+        if writes:
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(temporary, path)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writes:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -347,22 +370,30 @@ def resume(directory: Path, state: TrainState, config: TrainConfig, class_names)
     return restored
 
 
-def init_training(config: TrainConfig, num_classes: int, mesh):
-    """The model's graph, its train state replicated over `mesh`, and the jitted step."""
+def init_training(config: TrainConfig, num_classes: int, mesh, *, init_from_classes=None):
+    """The model's graph, its train state replicated over `mesh`, and the jitted step.
+
+    With `init_from_classes`, the run's class names, the weights start from the checkpoint
+    `config.init_from` (`finetune.init_from_checkpoint`); a resumed run leaves it None.
+    """
     model = build_model(config, num_classes)
     if config.backbone_weights:
         load_backbone_weights(model, config.backbone_weights)
+    if config.init_from and init_from_classes is not None:
+        init_from_checkpoint(model, init_from_classes, config.init_from)
     tx = make_optimizer(config)
     graphdef, state = create_train_state(model, tx)
-    step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config)
+    step_fn = make_train_step(graphdef, tx, prior_boxes(model.config.priors), config, mesh)
     return graphdef, replicate(state, mesh), step_fn
 
 
 def train(config: TrainConfig, train_source, eval_source, class_names, *, devices=None) -> dict:
-    """Trains from scratch or resumes from the latest checkpoint in `workdir`.
+    """Trains from scratch (or from `init_from`) or resumes from the latest checkpoint in
+    `workdir`.
 
     `devices` defaults to every device. Writes `workdir`/checkpoints (orbax),
-    metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json.
+    metrics.jsonl, loss_curve.png and, after the final evaluation, eval.json; in a multi-host
+    run every process trains and evaluates, process 0 alone writes all but the checkpoints.
     Returns the final evaluation result.
     """
     maybe_initialize_distributed()
@@ -373,8 +404,12 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
     run_model_config = model_config(config, len(class_names))
     image_size = run_model_config.priors.image_size
 
-    graphdef, state, train_step = init_training(config, len(class_names), mesh)
-    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+    # A checkpoint in the workdir wins over --init-from: the run resumes (a checkpoint of
+    # another run, one with another --init-from too, is a RunMismatchError).
+    resuming = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
+    graphdef, state, train_step = init_training(
+        config, len(class_names), mesh, init_from_classes=None if resuming else class_names)
+    if resuming:
         state = resume(workdir / "checkpoints", state, config, class_names)
     start_step = int(state.step)
     if start_step > config.num_steps:
@@ -390,19 +425,19 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step,
         shard=(jax.process_index(), jax.process_count()), keep_difficult=config.keep_difficult)
-    predict = inference.make_predict_fn(graphdef, run_model_config)
-    log = MetricsLog(workdir / "metrics.jsonl", start_step)
+    predict = inference.make_predict_fn(graphdef, run_model_config, mesh=mesh)
+    log = MetricsLog(workdir / "metrics.jsonl", start_step, writes=is_main_process())
 
     def run_eval(step):
         result = evaluate_source(predict, state.params, state.rest, eval_source,
                                  batch_size=config.batch_size, max_boxes=config.max_boxes,
-                                 image_size=image_size, num_classes=len(class_names))
+                                 image_size=image_size, num_classes=len(class_names), mesh=mesh)
         if not any(r["step"] == step and "map" in r for r in log.records):  # a finished run's rerun
             log.write({"step": step, "map": result["map"]})
         return result
 
     bar = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
-               desc="train", unit="step")
+               desc="train", unit="step", disable=not is_main_process())
     pending, last_time = [], time.perf_counter()
     unreadable = 0  # examples replaced by empty ones since this process started
     try:
@@ -432,7 +467,8 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         loader.close()
 
     result = run_eval(config.num_steps)
-    plot_loss_curve(log.records, workdir / "loss_curve.png")
-    summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
-    (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
+    if is_main_process():
+        plot_loss_curve(log.records, workdir / "loss_curve.png")
+        summary = {"map": result["map"], "ap": dict(zip(class_names, map(float, result["ap"])))}
+        (workdir / "eval.json").write_text(json.dumps(summary, indent=2))
     return result

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ from ssd_jax import train as train_lib
 from ssd_jax.checkpoint import load_model
 from ssd_jax.data import pipeline
 from ssd_jax.data.shapes import CLASS_NAMES, ShapesDataset
-from ssd_jax.sharding import data_mesh, shard_batch
+from ssd_jax.sharding import data_mesh, replicated, shard_batch
 
 TINY = train_lib.TrainConfig(
     dataset="shapes", model="ssd_mini", image_size=64, batch_size=8, max_boxes=4,
@@ -61,13 +62,22 @@ def test_caffe_param_groups_decay_all_but_biases_and_double_the_bias_rate():
 
 
 def _run_steps(config, devices, num_steps):
+    """Losses and final params of `num_steps` steps on `devices`, checking that every step
+    returns its state and metrics replicated, as the step states, and takes over the old
+    state's buffers (donation that fails only warns, "Some donated buffers were not usable")."""
     mesh = data_mesh(devices)
     _, state, step_fn = train_lib.init_training(config, len(CLASS_NAMES), mesh)
     loader = pipeline.make_train_loader(tiny_sources()[0], batch_size=config.batch_size,
                                         max_boxes=config.max_boxes, image_size=64, seed=0)
     losses = []
     for _ in range(num_steps):
-        state, metrics = step_fn(state, shard_batch(next(loader), mesh))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            new_state, metrics = step_fn(state, shard_batch(next(loader), mesh))
+        assert all(leaf.sharding == replicated(mesh)
+                   for leaf in jax.tree.leaves((new_state, metrics)))
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+        state = new_state
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 
