@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from reference.priors import SSD300, SSD512, PriorConfig
+from ssd_jax import platform
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -330,12 +331,14 @@ class SSD(nnx.Module):
 
 def _conv(config: ModelConfig, in_features: int, layer: Conv, rngs: nnx.Rngs) -> nnx.Conv:
     """The nnx.Conv of `layer`: Xavier-uniform kernel and zero bias as in ssd.pytorch,
-    float32 parameters, computing in config.dtype."""
+    float32 parameters, computing in config.dtype (its kernel gradient, on a CPU, as
+    `platform.conv_general_dilated` computes it)."""
     return nnx.Conv(
         in_features, layer.features, (layer.kernel,) * 2, strides=layer.stride,
         padding=[(layer.padding, layer.padding)] * 2, kernel_dilation=layer.dilation,
         dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros, rngs=rngs)
+        kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros,
+        conv_general_dilated=platform.conv_general_dilated, rngs=rngs)
 
 
 def _tiled_max_pool(x: jax.Array, window: int, extra: int) -> jax.Array:
