@@ -1,6 +1,7 @@
 """Settings that depend on the platform the process runs on, in one place.
 
-`configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads.
+`configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
+`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
 shapes job's train step) and frees it at the end. glibc's malloc serves blocks that large with a
