@@ -74,6 +74,10 @@ the input pipeline, where torch's transforms run on one thread as in a DataLoade
 Restrict both with `taskset -c 0-N`."""
 
 
+# Findings of issue 13 (a profile and what did not help), measured by hand: kept verbatim.
+CPU_SPEED_NOTES = Path(__file__).resolve().parent.parent / "docs" / "cpu_speed.md"
+
+
 class LoadSampler:
     """Samples the 1-minute load average every `interval_s` seconds in a background thread."""
 
@@ -138,7 +142,7 @@ def report(results: list[tuple[str, str, list[dict], list[str]]], *, started: st
     for title, description, rows, notes in results:
         lines += [f"## {title}", "", description, "", markdown_table(rows)]
         lines += [f"{note}  " for note in notes] + [""]
-    lines += ["## Reproduce", "", REPRODUCE, ""]
+    lines += [CPU_SPEED_NOTES.read_text(), "## Reproduce", "", REPRODUCE, ""]
     return "\n".join(lines)
 
 

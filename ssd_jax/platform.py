@@ -1,6 +1,7 @@
 """Settings that depend on the platform the process runs on, in one place.
 
-`configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads.
+`configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
+`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
 shapes job's train step) and frees it at the end. glibc's malloc serves blocks that large with a
@@ -11,6 +12,9 @@ step's CPU time in the kernel. Served from the main heap and never trimmed, the 
 import ctypes
 import os
 import sys
+
+import jax
+import jax.numpy as jnp
 
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
@@ -52,3 +56,81 @@ def _is_glibc() -> bool:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (ValueError, OSError):  # not a glibc system
         return False
+
+
+def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, **kwargs):
+    """`jax.lax.conv_general_dilated`, with the kernel's gradient computed as matrix
+    products on a CPU for the convolutions that keep the map's size.
+
+    Why: XLA's CPU backend computes a convolution's kernel gradient as one convolution
+    whose window is the whole feature map, with both operands transposed first; that is
+    half of SSD300's train step, and 2x (38x38 maps) to 5x (150x150) slower than
+    torch's oneDNN kernel. As one matrix product per kernel tap (`_kernel_gradient`) it
+    runs at the speed of XLA's dot. Elsewhere (other platforms, strided or unpadded
+    convolutions) this is lax's own convolution.
+    """
+    dilation = tuple(rhs_dilation or (1, 1))
+    spec = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    keeps_size = (tuple(window_strides) == (1, 1) and tuple(lhs_dilation or (1, 1)) == (1, 1)
+                  and feature_group_count == 1 and x.ndim == 4
+                  and jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers)
+                  == spec
+                  and [tuple(pair) for pair in padding]
+                  == [(d * (k - 1) // 2,) * 2 for d, k in zip(dilation, kernel.shape[:2])]
+                  and all(k % 2 for k in kernel.shape[:2]))
+    if jax.default_backend() != "cpu" or not keeps_size or kwargs.get("preferred_element_type"):
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, **kwargs)
+    return _same_size_conv(x, kernel, dilation)
+
+
+def _lax_same_size_conv(x, kernel, dilation):
+    """NHWC x HWIO stride-1 convolution zero-padded to keep the map's size."""
+    padding = [(d * (k - 1) // 2,) * 2 for d, k in zip(dilation, kernel.shape[:2])]
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+_same_size_conv = jax.custom_vjp(_lax_same_size_conv, nondiff_argnums=(2,))
+
+
+def _same_size_conv_forward(x, kernel, dilation):
+    return _lax_same_size_conv(x, kernel, dilation), (x, kernel)
+
+
+def _same_size_conv_backward(dilation, residuals, output_gradient):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _lax_same_size_conv(x, kernel, dilation), x)
+    return input_vjp(output_gradient)[0], _kernel_gradient(x, output_gradient, kernel.shape,
+                                                           dilation)
+
+
+_same_size_conv.defvjp(_same_size_conv_forward, _same_size_conv_backward)
+
+
+def _kernel_gradient(x, output_gradient, kernel_shape, dilation):
+    """d loss / d kernel of `_same_size_conv`: for each tap (i, j), the sum over pixels of
+    x shifted by the tap times the output gradient, [I, O].
+
+    Both operands are flattened to rows of the zero-padded map, where a tap's shift is a
+    fixed offset of rows: each tap is then one matrix product over contiguous rows,
+    (output gradient^T [O, rows]) @ (x rows [rows, I]), the form XLA's CPU dot runs fastest.
+    The output gradient is padded after each row and image with as many zeros as x is
+    around them, so the rows that wrap around a row's end multiply zeros.
+    """
+    (kh, kw, channels_in, channels_out), (dh, dw) = kernel_shape, dilation
+    ph, pw = dh * (kh - 1) // 2, dw * (kw - 1) // 2
+    batch, height, width, _ = x.shape
+    padded_x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    padded_width = width + 2 * pw
+    offsets = [i * dh * padded_width + j * dw for i in range(kh) for j in range(kw)]
+    rows = batch * (height + 2 * ph) * padded_width
+    used_rows = rows - offsets[-1]  # every real output pixel's row, shifted by any tap, fits
+    x_rows = padded_x.reshape(rows, channels_in)
+    gradient_rows = jnp.pad(output_gradient, ((0, 0), (0, 2 * ph), (0, 2 * pw), (0, 0)))
+    gradient_rows_t = gradient_rows.reshape(rows, channels_out)[:used_rows].T
+    taps = [gradient_rows_t @ x_rows[offset:offset + used_rows] for offset in offsets]
+    return jnp.stack(taps).transpose(0, 2, 1).reshape(kernel_shape)

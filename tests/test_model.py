@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from reference.priors import cell_boxes, prior_boxes
-from ssd_jax.model import (CONFIGS, SSD, L2Norm, MaxPool, count_params, get_config, ssd300, ssd512,
-                           ssd_mini)
+from ssd_jax.model import (CONFIGS, SSD, L2Norm, MaxPool, _tiled_max_pool, count_params, get_config,
+                           ssd300, ssd512, ssd_mini)
 
 
 def abstract_model(config):
@@ -93,9 +93,27 @@ def test_pool3_ceil_mode_rounds_up_and_keeps_the_border_cells():
     pool = MaxPool(ceil_mode=True)
     assert pool.output_size(75) == 38 and MaxPool().output_size(75) == 37
     x = jnp.arange(9.0).reshape(1, 3, 3, 1) - 100.0  # negative: -inf padding, not 0, must win
-    pad = [(0, pool.extra_padding(3))] * 2
-    pooled = nnx.max_pool(x, (2, 2), strides=(2, 2), padding=pad)
+    pooled = _tiled_max_pool(x, 2, pool.extra_padding(3))
     np.testing.assert_array_equal(pooled[0, :, :, 0], [[4.0, 5.0], [7.0, 8.0]] - np.float32(100.0))
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_tiled_max_pool_has_the_values_and_gradients_of_nnx_max_pool(size):
+    # After a ReLU, as in the model: ties are zeros, whose gradient the ReLU stops.
+    x = jnp.asarray(np.random.default_rng(size).standard_normal((2, size, size, 3), np.float32))
+    extra = MaxPool(ceil_mode=True).extra_padding(size)
+
+    def tiled(x):
+        return _tiled_max_pool(jax.nn.relu(x), 2, extra)
+
+    def windowed(x):
+        return nnx.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding=[(0, extra)] * 2)
+
+    shape = tiled(x).shape
+    weights = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)  # distinct gradients
+    np.testing.assert_array_equal(tiled(x), windowed(x))
+    np.testing.assert_array_equal(jax.grad(lambda x: (tiled(x) * weights).sum())(x),
+                                  jax.grad(lambda x: (windowed(x) * weights).sum())(x))
 
 
 def test_mini_forward_gives_finite_float32_outputs(mini_config, mini_model):

@@ -1,0 +1,37 @@
+"""ssd_jax.platform.conv_general_dilated: lax's convolution, values and gradients, whichever
+way it computes the kernel gradient."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssd_jax import platform
+
+
+def loss(conv, strides, padding, dilation):
+    def value(x, kernel):  # a non-linear loss: every output gets its own gradient
+        y = conv(x, kernel, strides, padding, rhs_dilation=dilation,
+                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sin(y).sum()
+    return value
+
+
+@pytest.mark.parametrize("shape, kernel_size, strides, padding, dilation", [
+    ((2, 7, 9, 3, 5), 3, (1, 1), [(1, 1)] * 2, (1, 1)),   # SSD's 3x3 convs, a non-square map
+    ((1, 13, 13, 4, 6), 3, (1, 1), [(6, 6)] * 2, (6, 6)),  # conv6: dilation 6
+    ((2, 5, 5, 8, 4), 1, (1, 1), [(0, 0)] * 2, (1, 1)),    # 1x1 convs
+    ((2, 9, 9, 3, 4), 3, (2, 2), [(1, 1)] * 2, (1, 1)),    # strided: lax's own gradient
+    ((2, 5, 5, 3, 4), 3, (1, 1), [(0, 0)] * 2, (1, 1)),    # unpadded: lax's own gradient
+])
+def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, padding, dilation):
+    batch, height, width, channels_in, channels_out = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, height, width, channels_in), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, channels_in,
+                                              channels_out), np.float32))
+    ours = loss(platform.conv_general_dilated, strides, padding, dilation)
+    lax = loss(jax.lax.conv_general_dilated, strides, padding, dilation)
+    np.testing.assert_allclose(jax.jit(ours)(x, kernel), jax.jit(lax)(x, kernel), rtol=1e-6)
+    for got, expected in zip(jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel),
+                             jax.jit(jax.grad(lax, argnums=(0, 1)))(x, kernel)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
