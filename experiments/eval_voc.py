@@ -10,7 +10,9 @@ dataset's own, COCO's for coco, VOC2007's 11-point for the others).
 
 - detections.json: the detections in the COCO results format ([{"image_id", "category_id",
   "bbox": [x, y, w, h] pixels of the original image, "score"}], the dataset's own image and
-  category ids), so anyone can score them again against the annotation file.
+  category ids), so anyone can score them again against the annotation file (scored here
+  with boxes that cross the border clipped and degenerate ones dropped, as the reader does:
+  for a file whose boxes lie inside their images, as COCO's, that is the file itself).
 - eval.json: the figures AP (@[.5:.95]), AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs,
   ARm, ARl (null where undefined), and each class's AP.
 
@@ -108,7 +110,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default="",
                         help="VOCdevkit folder, COCO-format folder or TFDS data dir")
     parser.add_argument("--eval-split", default="",
-                        help="coco: the split to evaluate (default val2017)")
+                        help="coco: the split to evaluate (default val2017); a VOC-format "
+                             "folder of your own: the image set (default test)")
     parser.add_argument("--classes", default="",
                         help="voc: your own class names, comma-separated (default: the data's)")
     parser.add_argument("--metric", choices=METRICS, default=None,

@@ -205,7 +205,9 @@ def test_l2norm_scales_each_cell_to_the_learned_norm_and_has_finite_gradient_at_
 
 
 def test_registry_builds_every_config_with_overrides():
-    assert set(CONFIGS) == {"ssd300", "ssd512", "ssd_mini"}
+    assert set(CONFIGS) == {"ssd300", "ssd512", "ssd_mini", "ssd300_coco", "ssd512_coco"}
+    coco = get_config("ssd512_coco", num_classes=80)
+    assert (coco.name, coco.num_classes, coco.priors.min_sizes[0]) == ("ssd512_coco", 80, 20.48)
     config = get_config("ssd300", num_classes=5, dtype="bfloat16")
     assert (config.name, config.num_classes, config.dtype) == ("ssd300", 5, "bfloat16")
     assert get_config("ssd_mini", image_size=96).priors.image_size == 96
