@@ -68,7 +68,8 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
     half of SSD300's train step, and 2x (38x38 maps) to 5x (150x150) slower than
     torch's oneDNN kernel. As one matrix product per kernel tap (`_kernel_gradient`) it
     runs at the speed of XLA's dot. Elsewhere (other platforms, strided or unpadded
-    convolutions) this is lax's own convolution.
+    convolutions, and the sizes where the products do not pay, `matmuls_pay`) this is lax's
+    own convolution.
     """
     dilation = tuple(rhs_dilation or (1, 1))
     spec = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
@@ -79,12 +80,33 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
                   and [tuple(pair) for pair in padding]
                   == [(d * (k - 1) // 2,) * 2 for d, k in zip(dilation, kernel.shape[:2])]
                   and all(k % 2 for k in kernel.shape[:2]))
-    if jax.default_backend() != "cpu" or not keeps_size or kwargs.get("preferred_element_type"):
+    if (jax.default_backend() != "cpu" or not keeps_size or kwargs.get("preferred_element_type")
+            or not matmuls_pay(x.shape, kernel.shape)):
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, **kwargs)
     return _same_size_conv(x, kernel, dilation)
+
+
+# Where the matrix products beat lax's kernel gradient on a CPU (2 cores of an AMD EPYC,
+# 2026-12-02, the jitted kernel gradient alone, time over lax's): 1x1 convs always (0.31 to
+# 0.40); 3x3 convs on large maps with >= 64 channels (0.46 at 300 x 300 x 64, 0.20 at
+# 150 x 150 x 128, 0.56 at 75 x 75 x 256), but not on smaller maps (0.95 at 38 x 38 x 512,
+# 1.64 at 38 x 38 x 64, 1.10 to 1.21 at 19 x 19 and 10 x 10) nor with few channels (1.2 to 2.1
+# for ssd_mini's 16 to 32 channels on 32 x 32 to 64 x 64 maps).
+MATMUL_MIN_CHANNELS = 64
+MATMUL_MIN_PIXELS = 75 * 75
+
+
+def matmuls_pay(x_shape, kernel_shape) -> bool:
+    """Whether `_kernel_gradient`'s matrix products beat lax's kernel gradient for a stride-1
+    same-size convolution of NHWC `x_shape` by HWIO `kernel_shape` (measured; see above)."""
+    kernel_height, kernel_width, channels_in, channels_out = kernel_shape
+    if kernel_height == kernel_width == 1:
+        return True
+    return (min(channels_in, channels_out) >= MATMUL_MIN_CHANNELS
+            and x_shape[1] * x_shape[2] >= MATMUL_MIN_PIXELS)
 
 
 def _lax_same_size_conv(x, kernel, dilation):

@@ -23,7 +23,11 @@ def loss(conv, strides, padding, dilation):
     ((2, 9, 9, 3, 4), 3, (2, 2), [(1, 1)] * 2, (1, 1)),    # strided: lax's own gradient
     ((2, 5, 5, 3, 4), 3, (1, 1), [(0, 0)] * 2, (1, 1)),    # unpadded: lax's own gradient
 ])
-def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, padding, dilation):
+def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, padding, dilation,
+                                                   monkeypatch):
+    # Every size through the matrix products, so that these small cases test them.
+    monkeypatch.setattr(platform, "MATMUL_MIN_CHANNELS", 0)
+    monkeypatch.setattr(platform, "MATMUL_MIN_PIXELS", 0)
     batch, height, width, channels_in, channels_out = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, height, width, channels_in), np.float32))
@@ -35,3 +39,14 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
     for got, expected in zip(jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel),
                              jax.jit(jax.grad(lax, argnums=(0, 1)))(x, kernel)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, expected", [
+    ((2, 19, 19, 1024), (1, 1, 1024, 1024), True),   # SSD300's conv7
+    ((2, 150, 150, 64), (3, 3, 64, 128), True),      # SSD300's conv2_1
+    ((2, 75, 75, 256), (3, 3, 256, 256), True),      # SSD300's conv3
+    ((2, 38, 38, 512), (3, 3, 512, 512), False),     # a smaller map
+    ((32, 64, 64, 16), (3, 3, 16, 32), False),       # ssd_mini's few channels
+])
+def test_matrix_products_only_where_they_pay(x_shape, kernel_shape, expected):
+    assert platform.matmuls_pay(x_shape, kernel_shape) is expected
