@@ -48,7 +48,9 @@ from ssd_jax.checkpoint import checkpoints_folder, load_model
 from ssd_jax.data.sources import DATASETS, NATURAL_METRICS, DatasetUnavailableError, get_sources
 from ssd_jax.evaluation import METRICS, evaluate_source, format_ap_table
 from ssd_jax.flags import non_negative_int, positive_int, show_warnings_plainly
+from ssd_jax.platform import use_every_core
 from ssd_jax.plots import plot_precision_recall
+from ssd_jax.sharding import data_mesh
 
 METRIC_NAMES = {"voc07": "VOC2007 11-point", "voc12": "VOC2010+ area", "coco": "COCO"}
 RESULTS_FILE = "comp4_det_test_{}.txt"
@@ -131,6 +133,11 @@ def main(argv=None) -> dict:
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")
     show_warnings_plainly()
+    use_every_core(args.batch_size)  # before JAX starts: on a CPU, one device per core
+    mesh = data_mesh()
+    # Batches split over the devices where they can (a device count set in XLA_FLAGS may not
+    # divide --batch-size); one device otherwise.
+    mesh = mesh if args.batch_size % mesh.size == 0 else None
 
     try:
         loaded = load_model(args.checkpoint, args.step)
@@ -152,12 +159,12 @@ def main(argv=None) -> dict:
                  f"--dataset {args.dataset}'s {list(dataset_classes)}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The checkpoint's own inference settings and resize (a converted peer's are the peer's).
-    predict = inference.make_predict_fn(graphdef, model.config, loaded.inference)
+    predict = inference.make_predict_fn(graphdef, model.config, loaded.inference, mesh=mesh)
     # Scoring reads each image's unpadded ground truth; the padded targets go unused.
     result = evaluate_source(predict, params, rest, source, batch_size=args.batch_size,
                              max_boxes=1, image_size=image_size, num_classes=len(class_names),
                              resize=loaded.inference.resize, metric=metric,
-                             class_names=class_names,
+                             class_names=class_names, mesh=mesh,
                              **({} if metric == "coco" else {"return_curves": True}))
 
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "eval"

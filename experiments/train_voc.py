@@ -11,6 +11,7 @@ from ssd_jax.checkpoint import DamagedCheckpointError
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
 from ssd_jax.evaluation import format_ap_table
 from ssd_jax.flags import ConfigError, add_config_flags, config_from_args, usage_error
+from ssd_jax.platform import use_every_core
 from ssd_jax.sharding import check_batch_size, data_mesh
 from ssd_jax.train import RunMismatchError, TrainConfig, model_config, train
 
@@ -56,8 +57,11 @@ def parse_config(argv=None) -> TrainConfig:
 def main(argv=None) -> None:
     parser = make_parser(argv)
     config = config_from_args(TrainConfig, parser.parse_args(argv), parser)
+    use_every_core(config.batch_size)  # before JAX starts: on a CPU, one device per core
+    mesh = data_mesh()
+    print(f"training on {mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)")
     try:
-        check_batch_size(config.batch_size, data_mesh())
+        check_batch_size(config.batch_size, mesh)
     except ValueError as error:
         usage_error(parser, "batch_size", str(error).removeprefix("batch_size "))
     try:

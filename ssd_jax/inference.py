@@ -11,7 +11,7 @@ from reference.priors import prior_boxes
 from ssd_jax.data.resize import RESIZE_MODES
 from reference.validation import check_positive_int, check_threshold
 from ssd_jax.nms import detect
-from ssd_jax.sharding import batch_split, replicated
+from ssd_jax.sharding import batch_split, per_device, replicated
 
 CANDIDATE_MODES = ("per_class", "per_level")
 
@@ -102,9 +102,13 @@ def make_predict_fn(graphdef, model_config, settings: InferenceConfig = Inferenc
     def detect_one(loc, conf_logits):
         return detect(loc, conf_logits, priors, **options)
 
+    # Over a mesh each device runs detect (NMS loops) on its own images only.
+    detect_batch = jax.vmap(detect_one) if mesh is None else per_device(jax.vmap(detect_one),
+                                                                         mesh)
+
     def predict(params, rest, images):
         loc, conf_logits = nnx.merge(graphdef, params, rest)(images)
-        boxes, scores, labels, valid = jax.vmap(detect_one)(loc, conf_logits)
+        boxes, scores, labels, valid = detect_batch(loc, conf_logits)
         return dict(boxes=boxes, scores=scores, labels=labels, valid=valid)
 
     if mesh is None:

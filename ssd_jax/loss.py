@@ -87,9 +87,16 @@ def mine_hard_negatives(background_loss, positive, neg_pos_ratio):
     """
     mining_score = jnp.where(positive, -jnp.inf, jax.lax.stop_gradient(background_loss))
     hardest_first = jnp.argsort(mining_score, axis=-1, descending=True, stable=True)
-    rank = jnp.argsort(hardest_first, axis=-1)
     num_hard = neg_pos_ratio * positive.sum(axis=-1, keepdims=True)
-    return ~positive & (rank < num_hard)
+    # Each prior's rank is its position in hardest_first: scattering "position < num_hard"
+    # back to the priors gives the mask without a second argsort (a sort costs ~4 ms per
+    # 8 x 1524 scores on a CPU core, the scatter a fraction of that).
+    # Per image (vmap): a scatter with a batch dimension stays split over the devices of a
+    # data-parallel step, where one indexed by (row, prior) pairs was gathered onto each.
+    chosen = jnp.arange(mining_score.shape[-1]) < num_hard  # [B, P] in hardest-first order
+    unsort = jax.vmap(lambda order, values: jnp.zeros_like(values).at[order].set(
+        values, unique_indices=True))
+    return ~positive & unsort(hardest_first, chosen)
 
 
 def smooth_l1(x):

@@ -1,7 +1,8 @@
 """Settings that depend on the platform the process runs on, in one place.
 
 `configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
-`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
+`use_every_core` is called by the training and evaluation commands before JAX starts its
+backends; `conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
 shapes job's train step) and frees it at the end. glibc's malloc serves blocks that large with a
@@ -47,6 +48,45 @@ def configure_host_allocator() -> bool:
 
 _GLIBC_MALLOC_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def use_every_core(batch_size: int) -> int:
+    """Asks XLA for one CPU device per core (`host_device_count`), so that data-parallel
+    training on a CPU splits each batch over all the cores.
+
+    Why: XLA runs each convolution of a small network (ssd_mini's 16 to 96 channels) on one
+    core, YNNPACK not splitting work that small, so a 2-core machine sat half idle during the
+    shapes job's train step; two devices, each with half the batch, run their convolutions
+    side by side (step 277-291 ms -> 179-229 ms, BENCHMARKS.md). Large convolutions (SSD300's)
+    are split over the cores either way.
+
+    Takes effect only before JAX starts its backends (the first `jax.devices()`), and only on
+    the CPU: a GPU or TPU host keeps its accelerators as the default devices. A device count
+    already in XLA_FLAGS wins. Returns the count asked for (1: nothing to split), or 0 when
+    XLA_FLAGS already names one.
+    """
+    if _HOST_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return 0
+    count = host_device_count(batch_size, _usable_cores())
+    if count > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --{_HOST_DEVICE_COUNT_FLAG}={count}").strip()
+    return count
+
+
+_HOST_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def host_device_count(batch_size: int, cores: int) -> int:
+    """The most CPU devices, at most one per core, that split `batch_size` evenly."""
+    return max(count for count in range(1, max(1, min(cores, batch_size)) + 1)
+               if batch_size % count == 0)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _is_glibc() -> bool:

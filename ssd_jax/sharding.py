@@ -53,6 +53,17 @@ def batch_split(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def per_device(fn, mesh: Mesh):
+    """`fn` of batch-first arrays run by each device on its own slice of the batch
+    (`jax.shard_map`): for per-image work whose loops would otherwise wait for every
+    device at every iteration (a vmapped while loop runs until all images are done).
+
+    `fn` must not communicate between devices. The replication checks are off: its loops
+    start from constants (replicated) and carry per-image values (varying)."""
+    spec = PartitionSpec(DATA_AXIS)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
 def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 

@@ -37,7 +37,8 @@ from ssd_jax.matching import build_targets
 from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
 from ssd_jax.plots import plot_loss_curve
 from ssd_jax.sharding import (batch_split, check_batch_size, data_mesh, is_main_process,
-                              maybe_initialize_distributed, replicate, replicated, shard_batch)
+                              maybe_initialize_distributed, per_device, replicate, replicated,
+                              shard_batch)
 
 
 OPTIMIZERS = {
@@ -208,20 +209,24 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig, mesh):
     new state always has the old one's layout and takes over its buffers.
     """
     priors = jnp.asarray(priors)
+    # Matching is per image: each device matches its own images, with no cross-device
+    # step inside the matching loops. It needs no gradient, so it runs before the model.
+    targets = per_device(lambda boxes, labels, mask: build_targets(
+        boxes, labels, mask, priors, iou_threshold=config.match_iou_threshold,
+        rule=config.matching), mesh)
 
-    def loss_fn(params, rest, batch):
+    def loss_fn(params, rest, images, loc_target, labels):
         model = nnx.merge(graphdef, params, rest)
-        loc, conf_logits = model(batch["image"])
-        loc_target, labels = build_targets(
-            batch["boxes"], batch["labels"], batch["mask"], priors,
-            iou_threshold=config.match_iou_threshold, rule=config.matching)
+        loc, conf_logits = model(images)
         terms = multibox_loss(loc, conf_logits, loc_target, labels,
                               neg_pos_ratio=config.neg_pos_ratio)
         return terms["loss"], terms
 
     def train_step(state: TrainState, batch):
+        loc_target, labels = targets(batch["boxes"], batch["labels"], batch["mask"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, terms), grads = grad_fn(state.params, state.rest, batch)
+        (_, terms), grads = grad_fn(state.params, state.rest, batch["image"], loc_target,
+                                    labels)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)

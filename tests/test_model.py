@@ -97,17 +97,22 @@ def test_pool3_ceil_mode_rounds_up_and_keeps_the_border_cells():
     np.testing.assert_array_equal(pooled[0, :, :, 0], [[4.0, 5.0], [7.0, 8.0]] - np.float32(100.0))
 
 
-@pytest.mark.parametrize("size", [6, 7])
-def test_tiled_max_pool_has_the_values_and_gradients_of_nnx_max_pool(size):
-    # After a ReLU, as in the model: ties are zeros, whose gradient the ReLU stops.
-    x = jnp.asarray(np.random.default_rng(size).standard_normal((2, size, size, 3), np.float32))
-    extra = MaxPool(ceil_mode=True).extra_padding(size)
+@pytest.mark.parametrize("size, window, ties", [(6, 2, False), (7, 2, False), (6, 2, True),
+                                               (7, 2, True), (8, 3, True)])
+def test_tiled_max_pool_has_the_values_and_gradients_of_nnx_max_pool(size, window, ties):
+    # Ties (values 0 and 1 only, no ReLU to stop their gradient): the first maximum of each
+    # window in row-major order gets the gradient, as in lax's reduce-window max.
+    rng = np.random.default_rng(size)
+    x = (rng.integers(0, 2, (2, size, size, 3)) if ties
+         else rng.standard_normal((2, size, size, 3)))
+    x = jnp.asarray(x, jnp.float32)
+    extra = MaxPool(window, window, ceil_mode=True).extra_padding(size)
 
     def tiled(x):
-        return _tiled_max_pool(jax.nn.relu(x), 2, extra)
+        return _tiled_max_pool(x, window, extra)
 
     def windowed(x):
-        return nnx.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding=[(0, extra)] * 2)
+        return nnx.max_pool(x, (window,) * 2, strides=(window,) * 2, padding=[(0, extra)] * 2)
 
     shape = tiled(x).shape
     weights = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)  # distinct gradients

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ssd_jax.platform import _is_glibc
+from ssd_jax.platform import _is_glibc, host_device_count
 
 # In a fresh process: a worker thread (as XLA's are) mallocs, fills and frees a 200 MB block
 # five times (with malloc itself, as XLA does: NumPy would ask for huge pages); prints the minor
@@ -51,3 +51,40 @@ def test_large_blocks_are_reused_not_faulted_in_again():
     # The measurement sees the churn when the settings are off (a glibc variable is set).
     control, _ = faults_per_round(MALLOC_ARENA_MAX="8")
     assert control > 0.9 * pages
+
+
+@pytest.mark.parametrize("batch_size, cores, expected", [
+    (32, 2, 2), (32, 3, 2), (32, 12, 8), (6, 4, 3), (1, 8, 1), (7, 2, 1), (32, 1, 1), (32, 0, 1)])
+def test_host_device_count_is_the_most_devices_that_split_the_batch(batch_size, cores,
+                                                                      expected):
+    assert host_device_count(batch_size, cores) == expected
+
+
+# In a fresh process: use_every_core before JAX starts, then the devices JAX sees.
+DEVICES_AFTER_USE_EVERY_CORE = """
+import os, jax
+from ssd_jax.platform import host_device_count, use_every_core, _usable_cores
+asked = use_every_core(32)
+print(asked, jax.device_count(), host_device_count(32, _usable_cores()))
+"""
+
+
+def devices_after_use_every_core(xla_flags=None) -> list[int]:
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    if xla_flags is not None:
+        environment["XLA_FLAGS"] = xla_flags
+    environment["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-c", DEVICES_AFTER_USE_EVERY_CORE],
+                            capture_output=True, text=True, check=True, env=environment)
+    return [int(word) for word in result.stdout.split()]
+
+
+def test_use_every_core_gives_jax_one_cpu_device_per_core():
+    asked, devices, expected = devices_after_use_every_core()
+    assert asked == devices == expected
+
+
+def test_a_device_count_in_xla_flags_wins_over_use_every_core():
+    asked, devices, _ = devices_after_use_every_core(
+        "--xla_force_host_platform_device_count=3")
+    assert (asked, devices) == (0, 3)
