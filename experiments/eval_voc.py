@@ -48,7 +48,6 @@ from ssd_jax.checkpoint import checkpoints_folder, load_model
 from ssd_jax.data.sources import DATASETS, NATURAL_METRICS, DatasetUnavailableError, get_sources
 from ssd_jax.evaluation import METRICS, evaluate_source, format_ap_table
 from ssd_jax.flags import non_negative_int, positive_int, show_warnings_plainly
-from ssd_jax.platform import use_every_core
 from ssd_jax.plots import plot_precision_recall
 from ssd_jax.sharding import data_mesh
 
@@ -133,7 +132,6 @@ def main(argv=None) -> dict:
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")
     show_warnings_plainly()
-    use_every_core(args.batch_size)  # before JAX starts: on a CPU, one device per core
     mesh = data_mesh()
     # Batches split over the devices where they can (a device count set in XLA_FLAGS may not
     # divide --batch-size); one device otherwise.

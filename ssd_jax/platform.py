@@ -1,8 +1,9 @@
 """Settings that depend on the platform the process runs on, in one place.
 
 `configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
-`use_every_core` is called by the training and evaluation commands before JAX starts its
-backends; `conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
+`use_every_core` is called by experiments.train_voc before JAX starts its backends, for the
+runs that ask for it (`TrainConfig.cpu_device_per_core`: the shapes preset);
+`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
 shapes job's train step) and frees it at the end. glibc's malloc serves blocks that large with a
@@ -57,8 +58,10 @@ def use_every_core(batch_size: int) -> int:
     Why: XLA runs each convolution of a small network (ssd_mini's 16 to 96 channels) on one
     core, YNNPACK not splitting work that small, so a 2-core machine sat half idle during the
     shapes job's train step; two devices, each with half the batch, run their convolutions
-    side by side (step 277-291 ms -> 179-229 ms, BENCHMARKS.md). Large convolutions (SSD300's)
-    are split over the cores either way.
+    side by side (step 277-291 ms -> 179-229 ms, BENCHMARKS.md). Not for large models: XLA
+    shares the cores' threads out among the devices, and SSD300's convolutions, which use
+    every core on one device, ran slower split (train step 0.46x -> 0.42x torchvision's at
+    batch 8; inference, on one of the devices, 0.91x -> 0.57x at batch 1).
 
     Takes effect only before JAX starts its backends (the first `jax.devices()`), and only on
     the CPU: a GPU or TPU host keeps its accelerators as the default devices. A device count

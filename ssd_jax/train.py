@@ -93,6 +93,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0
     num_workers: int = 0
+    # On a CPU-only host, one XLA device per core with the batch split over them
+    # (`platform.use_every_core`, applied by experiments.train_voc before JAX starts). It
+    # pays for small models (ssd_mini, whose convolutions XLA runs on one core each), not
+    # for SSD300, whose convolutions use every core anyway (BENCHMARKS.md).
+    cpu_device_per_core: bool = False
     train_examples: int = 0
     eval_examples: int = 0
 
@@ -332,7 +337,7 @@ def _check_finite_steps(host_metrics: list[dict]) -> None:
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "learning_rate", "warmup_steps", "decay_steps", "decay_factor", "workdir",
     "data_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "num_workers",
-    "eval_examples"})
+    "eval_examples", "cpu_device_per_core"})
 
 
 class RunMismatchError(ValueError):

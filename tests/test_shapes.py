@@ -100,3 +100,29 @@ def test_bad_split_and_out_of_range_index_raise():
         ShapesDataset("test")
     with pytest.raises(IndexError):
         ShapesDataset("train", num_examples=3)[3]
+
+
+def test_a_cached_dataset_gives_the_drawn_examples_read_only_and_draws_each_once():
+    drawn, cached = ShapesDataset("train", num_examples=4), ShapesDataset("train", num_examples=4,
+                                                                           cache=True)
+    first = cached[np.int64(2)]
+    assert cached[2] is first  # the same example, not drawn again
+    for key, value in drawn[2].items():
+        np.testing.assert_array_equal(first[key], value)
+        assert not first[key].flags.writeable
+    with pytest.raises(IndexError):
+        cached[4]
+
+
+def test_the_training_augmentation_never_writes_into_a_cached_example():
+    from ssd_jax.data import pipeline
+    from ssd_jax.data.augment import ssd_train_transform
+    source = ShapesDataset("train", num_examples=8, image_size=64, cache=True)
+    loader = pipeline.make_train_loader(source, batch_size=4, max_boxes=6, seed=0,
+                                        transform=ssd_train_transform(64), image_size=64)
+    batches = [next(loader) for _ in range(4)]  # two epochs: every example read twice
+    loader.close()
+    assert all(batch["image"].shape == (4, 64, 64, 3) for batch in batches)
+    fresh = ShapesDataset("train", num_examples=8, image_size=64)
+    for index in range(8):
+        np.testing.assert_array_equal(source[index]["image"], fresh[index]["image"])

@@ -169,6 +169,14 @@ def test_every_config_field_is_a_flag_overriding_the_preset():
     assert caffe.matching == "argmax" and caffe.keep_difficult and caffe.caffe_param_groups
 
 
+def test_only_the_small_shapes_model_splits_a_cpu_into_one_device_per_core():
+    assert train_voc.parse_config(["--dataset", "shapes"]).cpu_device_per_core
+    assert not train_voc.parse_config(["--dataset", "shapes",
+                                       "--no-cpu-device-per-core"]).cpu_device_per_core
+    assert not train_voc.parse_config([]).cpu_device_per_core  # SSD300: slower split
+    assert not train_voc.parse_config(["--dataset", "coco"]).cpu_device_per_core
+
+
 def test_unknown_matching_rule_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         train_voc.parse_config(["--matching", "hungarian"])

@@ -152,7 +152,8 @@ class ShapesDataset:
     num_classes = NUM_CLASSES
 
     def __init__(self, split: str = "train", num_examples: int | None = None,
-                 image_size: int = 128, max_objects: int = 6, seed: int = 0):
+                 image_size: int = 128, max_objects: int = 6, seed: int = 0,
+                 cache: bool = False):
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
         if image_size * MAX_SIDE < MIN_SIDE_PX:
@@ -165,12 +166,25 @@ class ShapesDataset:
         self.max_objects = max_objects
         self.seed = seed
         self.num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
+        # cache: each example is drawn once and kept (read-only), for training runs of more
+        # than one epoch: drawing costs ~1.7 ms of CPU per 128 x 128 image, a lookup nothing;
+        # the memory is ~50 KB per 128 x 128 example (1 GB for 20,000).
+        self._cache = {} if cache else None
 
     def __len__(self) -> int:
         return self.num_examples
 
     def __getitem__(self, index) -> dict:
-        return self.render(index)[0]
+        if self._cache is None:
+            return self.render(index)[0]
+        index = operator.index(index)
+        example = self._cache.get(index)
+        if example is None:
+            example = self.render(index)[0]
+            for array in example.values():
+                array.setflags(write=False)  # shared by every later read: never changed
+            self._cache[index] = example
+        return example
 
     def render(self, index) -> tuple[dict, np.ndarray]:
         """Example `index` and its owner map: int8 [S, S], the object visible at each pixel (its
