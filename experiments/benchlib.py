@@ -44,7 +44,9 @@ def machine_info() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Prints rows (dicts sharing the first row's keys) as a markdown table."""
+    """Prints rows (dicts sharing the first row's keys) as a markdown table; no rows, nothing."""
+    if not rows:
+        return
     header = list(rows[0])
     cells = [header] + [[str(row[key]) for key in header] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]

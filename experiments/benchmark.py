@@ -2,7 +2,8 @@
 
     python -m experiments.benchmark [--quick] [--out BENCHMARKS.md]
 
-Box functions (`experiments.bench_boxes`), the SSD300 train step and inference
+The main job as README's first command runs it (`experiments.bench_main_job`; not with
+`--quick`), box functions (`experiments.bench_boxes`), the SSD300 train step and inference
 (`experiments.bench_train`) and the input pipeline (`experiments.bench_input`), each
 with this project's figure, torchvision's and their ratio from the same run. The
 torchvision columns need torch and torchvision importable, which this project never
@@ -23,11 +24,18 @@ from pathlib import Path
 
 import jax
 
-from experiments import bench_boxes, bench_input, bench_train, parity_torchvision
+from experiments import (bench_boxes, bench_input, bench_main_job, bench_train,
+                         parity_torchvision)
 from experiments.benchlib import cpu_threads, machine_info, print_table
 
 # (title, what is measured, run(quick) -> (rows, notes))
 SECTIONS = (
+    ("The main job",
+     "README's first command, `python -m experiments.train_voc --dataset shapes`, from scratch "
+     "in a fresh process: wall and CPU time, page faults and peak memory as the operating "
+     "system accounts them (`/usr/bin/time -v`'s figures), and the validation mAP of every "
+     "evaluation. Skipped with --quick.",
+     lambda quick: ([], ["Skipped (--quick)."]) if quick else bench_main_job.run()),
     ("Box functions",
      "Milliseconds per call on SSD300's 8732 priors: the NumPy reference, the jitted JAX twin "
      "and torchvision's own SSD pieces (`ops.box_iou`; `SSDMatcher` + `BoxCoder`; "
