@@ -145,7 +145,8 @@ class ShapesDataset:
     `dataset[i]` returns {"image": uint8 [S, S, 3], "boxes": float32 [G, 4] corners
     (xmin, ymin, xmax, ymax) in [0, 1] (pixel edges: a box covering pixel columns 3..9 has
     xmin = 3 / S, xmax = 10 / S), "labels": int32 [G] in 1..C, "difficult": bool [G] all False}
-    with 1 <= G <= max_objects.
+    with 1 <= G <= max_objects. With `cache=True` each example is drawn on its first read and
+    the same read-only arrays are returned after that.
     """
 
     class_names = CLASS_NAMES
