@@ -25,6 +25,7 @@ from pathlib import Path
 import absl.logging
 from tqdm.auto import tqdm
 
+from ssd_jax.coco_eval import result_records
 from ssd_jax.detector import Detector, draw_detections, load_image
 from ssd_jax.flags import positive_int, show_warnings_plainly, unit_interval
 
@@ -96,7 +97,8 @@ def run_detect(args: argparse.Namespace) -> int:
                 args.out / name)
             images.append({"id": image_id, "file_name": name, "source": str(path),
                            "width": image.shape[1], "height": image.shape[0]})
-            results.extend(coco_results(image_id, detections))
+            results += result_records(image_id, detections["boxes"], detections["scores"],
+                                      detections["labels"])  # labels: the dataset's ids
 
     categories = [{"id": int(i), "name": name}
                   for i, name in zip(detector.label_ids, detector.class_names)]
@@ -136,15 +138,6 @@ def above(detections: dict, threshold: float) -> dict:
     keep = detections["scores"] > threshold
     return {key: ([v for v, k in zip(value, keep) if k] if isinstance(value, list) else value[keep])
             for key, value in detections.items()}
-
-
-def coco_results(image_id: int, detections: dict) -> list[dict]:
-    """One image's detections as COCO result records (bbox [x, y, w, h] in pixels)."""
-    return [{"image_id": image_id, "category_id": int(label),
-             "bbox": [round(float(x), 2) for x in (xmin, ymin, xmax - xmin, ymax - ymin)],
-             "score": round(float(score), 5)}
-            for (xmin, ymin, xmax, ymax), score, label
-            in zip(detections["boxes"], detections["scores"], detections["labels"])]
 
 
 def _readable_images(paths):

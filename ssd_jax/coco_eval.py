@@ -32,13 +32,23 @@ def to_results(detections, ground_truths, label_ids) -> list[dict]:
     for index, (det, gt) in enumerate(zip(detections, ground_truths)):
         height, width = gt["image_size"]
         corners = np.asarray(det["boxes"], np.float64).reshape(-1, 4) * ([width, height] * 2)
-        for (xmin, ymin, xmax, ymax), score, label in zip(corners, det["scores"], det["labels"]):
-            results.append({"image_id": gt.get("image_id", index),
-                            "category_id": int(label_ids[int(label) - 1]),
-                            "bbox": [round(float(v), 3) for v in
-                                     (xmin, ymin, xmax - xmin, ymax - ymin)],
-                            "score": round(float(score), 6)})
+        category_ids = [label_ids[int(label) - 1] for label in det["labels"]]
+        results += result_records(gt.get("image_id", index), corners, det["scores"],
+                                  category_ids)
     return results
+
+
+def result_records(image_id, corners, scores, category_ids) -> list[dict]:
+    """One image's detections as COCO result records, for evaluation and `ssd-jax detect`.
+
+    corners: [K, 4] pixel (xmin, ymin, xmax, ymax) of the original image; scores: [K];
+    category_ids: [K] the dataset's own ids. The bbox [x, y, w, h] is rounded to 1/1000 of a
+    pixel and the score to 1e-6: far below what changes a COCO figure, and the file stays small.
+    """
+    return [{"image_id": image_id, "category_id": int(category),
+             "bbox": [round(float(v), 3) for v in (xmin, ymin, xmax - xmin, ymax - ymin)],
+             "score": round(float(score), 6)}
+            for (xmin, ymin, xmax, ymax), score, category in zip(corners, scores, category_ids)]
 
 
 def ground_truth_from_examples(ground_truths, class_names, label_ids) -> dict:
