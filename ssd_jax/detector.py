@@ -13,6 +13,7 @@ sizes compile it once.
 """
 import colorsys
 import dataclasses
+import functools
 import os
 
 import jax
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ssd_jax.data.resize import resize_image
 from reference.validation import check_positive_int
-from ssd_jax import inference
+from ssd_jax import inference, platform
 from ssd_jax.checkpoint import load_model
 from ssd_jax.data.images import decode_image, read_image, to_rgb
 from ssd_jax.inference import InferenceConfig
@@ -81,9 +82,9 @@ class Detector:
         self.image_size = model.config.priors.image_size
         self.batch_size = check_positive_int(batch_size, "batch_size")
         graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
-        predict = inference.make_predict_fn(graphdef, model.config, self.settings)
+        predict = inference.predict_function(graphdef, model.config, self.settings)
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=platform.compiler_options())
         def forward(params, rest, images, sizes):
             """images [B, S, S, 3], sizes float32 [B, 2] original (width, height)."""
             outputs = predict(params, rest, images)

@@ -10,6 +10,7 @@ from flax import nnx
 from reference.priors import prior_boxes
 from ssd_jax.data.resize import RESIZE_MODES
 from reference.validation import check_positive_int, check_threshold
+from ssd_jax import platform
 from ssd_jax.nms import detect
 from ssd_jax.sharding import batch_split, per_device, replicated
 
@@ -95,7 +96,23 @@ def make_predict_fn(graphdef, model_config, settings: InferenceConfig = Inferenc
     (pass them as `sharding.shard_global_batch` makes them; B a multiple of the device count)
     with the model replicated, and the (small) outputs come back replicated, so that every
     process can read all of them.
+
+    The jit carries the platform's compiler options (`platform.compiler_options`), which JAX
+    allows on a top-level jit only: to call predict inside a jit of your own, take
+    `predict_function`.
     """
+    predict = predict_function(graphdef, model_config, settings, mesh)
+    if mesh is None:
+        return jax.jit(predict, compiler_options=platform.compiler_options())
+    return jax.jit(predict, in_shardings=(replicated(mesh), replicated(mesh), batch_split(mesh)),
+                   out_shardings=replicated(mesh),
+                   compiler_options=platform.compiler_options(mesh.devices.flat))
+
+
+def predict_function(graphdef, model_config, settings: InferenceConfig = InferenceConfig(),
+                     mesh=None):
+    """`make_predict_fn`'s function before `jax.jit`, for callers that jit it inside their
+    own function (a top-level jit alone takes the platform's compiler options)."""
     options = settings.detect_options(model_config)
     priors = jnp.asarray(prior_boxes(model_config.priors))
 
@@ -111,10 +128,7 @@ def make_predict_fn(graphdef, model_config, settings: InferenceConfig = Inferenc
         boxes, scores, labels, valid = detect_batch(loc, conf_logits)
         return dict(boxes=boxes, scores=scores, labels=labels, valid=valid)
 
-    if mesh is None:
-        return jax.jit(predict)
-    return jax.jit(predict, in_shardings=(replicated(mesh), replicated(mesh), batch_split(mesh)),
-                   out_shardings=replicated(mesh))
+    return predict
 
 
 def unbatch_detections(outputs: dict, keep=None) -> list[dict]:

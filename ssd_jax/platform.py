@@ -3,7 +3,8 @@
 `configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
 `use_every_core` is called by experiments.train_voc before JAX starts its backends, for the
 runs that ask for it (`TrainConfig.cpu_device_per_core`: the shapes preset);
-`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient.
+`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient;
+`compiler_options` are the XLA options of the project's jitted functions (a CPU scheduler).
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
 shapes job's train step) and frees it at the end. glibc's malloc serves blocks that large with a
@@ -99,6 +100,28 @@ def _is_glibc() -> bool:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (ValueError, OSError):  # not a glibc system
         return False
+
+
+# XLA's CPU scheduler orders the HLO for concurrency by default: independent operations are
+# placed to run side by side on the thread pool. SSD300's train step then keeps the
+# activations and gradients of many layers live at once, and its convolutions, which use
+# every core each, compete for the cores and the caches. Ordered to keep memory low, the
+# same step at batch 8 took 11.1 to 11.2 s instead of 12.9 to 13.4 s, ssd_mini's (the shapes
+# job) 83 ms instead of 87; inference did not change (docs/cpu_speed.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(devices=None) -> dict:
+    """XLA compiler options for a top-level `jax.jit` of the project running on `devices`
+    (default: JAX's default backend): `CPU_COMPILER_OPTIONS` on a CPU, none elsewhere.
+
+    A scheduler the user names in XLA_FLAGS wins: then none either. Options reach only the
+    outermost jit of a call, so every jit a user calls directly passes them.
+    """
+    platform = devices[0].platform if devices is not None else jax.default_backend()
+    if platform != "cpu" or "xla_cpu_scheduler_type" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from reference.matching import RULES
 from reference.priors import prior_boxes
 from reference.validation import check_neg_pos_ratio
-from ssd_jax import inference
+from ssd_jax import inference, platform
 from ssd_jax.checkpoint import (checkpoint_manager, checkpoint_meta, checkpoint_steps, load_meta,
                                 load_newest_intact, restore, save, set_aside)
 from ssd_jax.convert import backbone_pixel_stats, load_backbone_weights
@@ -246,7 +246,8 @@ def make_train_step(graphdef, tx, priors, config: TrainConfig, mesh):
 
     return jax.jit(train_step, donate_argnums=0,
                    in_shardings=(replicated(mesh), batch_split(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)))
+                   out_shardings=(replicated(mesh), replicated(mesh)),
+                   compiler_options=platform.compiler_options(mesh.devices.flat))
 
 
 def _all_finite(tree) -> jax.Array:

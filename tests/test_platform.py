@@ -1,11 +1,14 @@
-"""ssd_jax.platform: large blocks freed by one step are reused by the next, not faulted in anew."""
+"""ssd_jax.platform: large blocks freed by one step are reused by the next, not faulted in anew;
+CPU devices per core; the CPU compiler options."""
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from ssd_jax.platform import _is_glibc, host_device_count
+from ssd_jax.platform import CPU_COMPILER_OPTIONS, _is_glibc, compiler_options, host_device_count
 
 # In a fresh process: a worker thread (as XLA's are) mallocs, fills and frees a 200 MB block
 # five times (with malloc itself, as XLA does: NumPy would ask for huge pages); prints the minor
@@ -88,3 +91,24 @@ def test_a_device_count_in_xla_flags_wins_over_use_every_core():
     asked, devices, _ = devices_after_use_every_core(
         "--xla_force_host_platform_device_count=3")
     assert (asked, devices) == (0, 3)
+
+
+def test_cpu_jits_get_the_memory_ordered_scheduler_and_this_xla_accepts_it(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = compiler_options(jax.devices("cpu"))
+    assert options == CPU_COMPILER_OPTIONS
+    # An option this XLA does not know would fail here, at compile time, with its name.
+    compiled = jax.jit(lambda x: x * 2, compiler_options=options).lower(np.ones(3)).compile()
+    np.testing.assert_array_equal(compiled(np.ones(3)), 2.0)
+
+
+def test_a_scheduler_named_in_xla_flags_wins_over_the_projects(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
+    assert compiler_options(jax.devices("cpu")) == {}
+
+
+def test_other_platforms_get_no_cpu_options():
+    class Accelerator:
+        platform = "gpu"
+
+    assert compiler_options([Accelerator()]) == {}
