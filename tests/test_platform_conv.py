@@ -19,6 +19,8 @@ def loss(conv, strides, padding, dilation):
 @pytest.mark.parametrize("shape, kernel_size, strides, padding, dilation", [
     ((2, 7, 9, 3, 5), 3, (1, 1), [(1, 1)] * 2, (1, 1)),   # SSD's 3x3 convs, a non-square map
     ((1, 13, 13, 4, 6), 3, (1, 1), [(6, 6)] * 2, (6, 6)),  # conv6: dilation 6
+    ((2, 6, 8, 3, 2), (3, 5), (1, 1), [(1, 1), (2, 2)], (1, 1)),  # a 3x5 kernel
+    ((1, 11, 9, 2, 3), 3, (1, 1), [(2, 2), (1, 1)], (2, 1)),  # dilated in height only
     ((2, 5, 5, 8, 4), 1, (1, 1), [(0, 0)] * 2, (1, 1)),    # 1x1 convs
     ((2, 9, 9, 3, 4), 3, (2, 2), [(1, 1)] * 2, (1, 1)),    # strided: lax's own gradient
     ((2, 5, 5, 3, 4), 3, (1, 1), [(0, 0)] * 2, (1, 1)),    # unpadded: lax's own gradient
@@ -31,7 +33,8 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
     batch, height, width, channels_in, channels_out = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, height, width, channels_in), np.float32))
-    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, channels_in,
+    kernel_height, kernel_width = np.broadcast_to(kernel_size, 2)
+    kernel = jnp.asarray(rng.standard_normal((kernel_height, kernel_width, channels_in,
                                               channels_out), np.float32))
     ours = loss(platform.conv_general_dilated, strides, padding, dilation)
     lax = loss(jax.lax.conv_general_dilated, strides, padding, dilation)
