@@ -155,24 +155,27 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
     return _same_size_conv(x, kernel, dilation)
 
 
-# Where the matrix products beat lax's kernel gradient on a CPU (2 cores of an AMD EPYC,
-# 2026-12-02, the jitted kernel gradient alone, time over lax's): 1x1 convs always (0.31 to
-# 0.40); 3x3 convs on large maps with >= 64 channels (0.46 at 300 x 300 x 64, 0.20 at
-# 150 x 150 x 128, 0.56 at 75 x 75 x 256), but not on smaller maps (0.95 at 38 x 38 x 512,
-# 1.64 at 38 x 38 x 64, 1.10 to 1.21 at 19 x 19 and 10 x 10) nor with few channels (1.2 to 2.1
-# for ssd_mini's 16 to 32 channels on 32 x 32 to 64 x 64 maps).
-MATMUL_MIN_CHANNELS = 64
-MATMUL_MIN_PIXELS = 75 * 75
+# Where the matrix product beats lax's kernel gradient on a CPU (2 cores of an AMD EPYC,
+# 2026-12-02 and 12-03, the jitted kernel gradient alone, time over lax's): 1x1 convs always
+# (0.31 to 0.40); 3x3 convs on large maps with >= 64 channels (0.46 at 300 x 300 x 64, 0.20 at
+# 150 x 150 x 128, 0.56 to 0.76 at 75 x 75 x 256) and on smaller maps with >= 256 channels
+# (0.31 at 64 x 64 x 512, 0.60 to 0.83 at 38 x 38 x 512, 0.65 at 38 x 38, 256 -> 512), but not
+# on smaller maps with fewer channels (1.34 at 38 x 38 x 128, 0.87 to 0.96 at 38 x 38 x 64),
+# nor on 19 x 19 maps (1.00 to 1.32) or with few channels (1.2 to 2.1 for ssd_mini's 16 to 32
+# channels on 32 x 32 to 64 x 64 maps).
+# (fewest channels, fewest pixels per map) pairs: the product pays past either.
+MATMUL_PAYS_FROM = ((64, 75 * 75), (256, 38 * 38))
 
 
 def matmuls_pay(x_shape, kernel_shape) -> bool:
-    """Whether `_kernel_gradient`'s matrix products beat lax's kernel gradient for a stride-1
+    """Whether `_kernel_gradient`'s matrix product beats lax's kernel gradient for a stride-1
     same-size convolution of NHWC `x_shape` by HWIO `kernel_shape` (measured; see above)."""
     kernel_height, kernel_width, channels_in, channels_out = kernel_shape
     if kernel_height == kernel_width == 1:
         return True
-    return (min(channels_in, channels_out) >= MATMUL_MIN_CHANNELS
-            and x_shape[1] * x_shape[2] >= MATMUL_MIN_PIXELS)
+    channels, pixels = min(channels_in, channels_out), x_shape[1] * x_shape[2]
+    return any(channels >= fewest_channels and pixels >= fewest_pixels
+               for fewest_channels, fewest_pixels in MATMUL_PAYS_FROM)
 
 
 def _lax_same_size_conv(x, kernel, dilation):

@@ -28,8 +28,7 @@ def loss(conv, strides, padding, dilation):
 def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, padding, dilation,
                                                    monkeypatch):
     # Every size through the matrix products, so that these small cases test them.
-    monkeypatch.setattr(platform, "MATMUL_MIN_CHANNELS", 0)
-    monkeypatch.setattr(platform, "MATMUL_MIN_PIXELS", 0)
+    monkeypatch.setattr(platform, "MATMUL_PAYS_FROM", ((0, 0),))
     batch, height, width, channels_in, channels_out = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, height, width, channels_in), np.float32))
@@ -48,7 +47,9 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
     ((2, 19, 19, 1024), (1, 1, 1024, 1024), True),   # SSD300's conv7
     ((2, 150, 150, 64), (3, 3, 64, 128), True),      # SSD300's conv2_1
     ((2, 75, 75, 256), (3, 3, 256, 256), True),      # SSD300's conv3
-    ((2, 38, 38, 512), (3, 3, 512, 512), False),     # a smaller map
+    ((2, 38, 38, 512), (3, 3, 512, 512), True),      # SSD300's conv4: a smaller map, deep
+    ((2, 38, 38, 128), (3, 3, 128, 128), False),     # a smaller map, fewer channels
+    ((2, 19, 19, 512), (3, 3, 512, 512), False),     # SSD300's conv5: smaller still
     ((32, 64, 64, 16), (3, 3, 16, 32), False),       # ssd_mini's few channels
 ])
 def test_matrix_products_only_where_they_pay(x_shape, kernel_shape, expected):
