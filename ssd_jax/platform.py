@@ -106,8 +106,9 @@ def _is_glibc() -> bool:
 # placed to run side by side on the thread pool. SSD300's train step then keeps the
 # activations and gradients of many layers live at once, and its convolutions, which use
 # every core each, compete for the cores and the caches. Ordered to keep memory low, the
-# same step at batch 8 took 11.1 to 11.2 s instead of 12.9 to 13.4 s, ssd_mini's (the shapes
-# job) 83 ms instead of 87; inference did not change (docs/cpu_speed.md).
+# same step at batch 8 took 11.1 to 14.1 s (median per run) instead of 12.9 to 18.0 s in
+# five alternating pairs of runs, ssd_mini's (the shapes job) 83 ms instead of 87; inference
+# did not change (docs/cpu_speed.md, "The CPU scheduler").
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
@@ -115,8 +116,8 @@ def compiler_options(devices=None) -> dict:
     """XLA compiler options for a top-level `jax.jit` of the project running on `devices`
     (default: JAX's default backend): `CPU_COMPILER_OPTIONS` on a CPU, none elsewhere.
 
-    A scheduler the user names in XLA_FLAGS wins: then none either. Options reach only the
-    outermost jit of a call, so every jit a user calls directly passes them.
+    A scheduler the user names in XLA_FLAGS wins (then this returns none). JAX takes
+    compiler options on the outermost jit only, so each jit a user calls directly passes them.
     """
     platform = devices[0].platform if devices is not None else jax.default_backend()
     if platform != "cpu" or "xla_cpu_scheduler_type" in os.environ.get("XLA_FLAGS", ""):
@@ -163,7 +164,8 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
 # on smaller maps with fewer channels (1.34 at 38 x 38 x 128, 0.87 to 0.96 at 38 x 38 x 64),
 # nor on 19 x 19 maps (1.00 to 1.32) or with few channels (1.2 to 2.1 for ssd_mini's 16 to 32
 # channels on 32 x 32 to 64 x 64 maps).
-# (fewest channels, fewest pixels per map) pairs: the product pays past either.
+# (fewest channels, fewest pixels per map) pairs: the product pays where a conv reaches both
+# figures of either pair.
 MATMUL_PAYS_FROM = ((64, 75 * 75), (256, 38 * 38))
 
 
