@@ -10,25 +10,28 @@ import pytest
 
 from ssd_jax.platform import CPU_COMPILER_OPTIONS, _is_glibc, compiler_options, host_device_count
 
-# In a fresh process: a worker thread (as XLA's are) mallocs, fills and frees a 200 MB block
-# five times (with malloc itself, as XLA does: NumPy would ask for huge pages); prints the minor
+# In a fresh process: a worker thread (as XLA's are) mallocs, fills and frees a block of
+# argv[1] MB five times (with malloc itself, as XLA does: NumPy would ask for huge pages); prints the minor
 # page faults per round of the last four rounds, and the block's size in pages (what a fresh
 # mapping costs).
 FAULTS_PER_ROUND = """
-import ctypes, resource, threading
+import ctypes, resource, sys, threading
 import ssd_jax  # applies configure_host_allocator()
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+size = int(sys.argv[1]) * 2**20
 
 def rounds(out):
     for i in range(5):
         if i == 1:
             start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(200 * 2**20)
-        libc.memset(block, 1, 200 * 2**20)
+        block = libc.malloc(size)
+        libc.memset(block, 1, size)
         libc.free(block)
     out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 4)
 
@@ -36,23 +39,27 @@ out = []
 thread = threading.Thread(target=rounds, args=(out,))
 thread.start()
 thread.join()
-print(out[0], 200 * 2**20 // resource.getpagesize())
+print(out[0], size // resource.getpagesize())
 """
 
 
-def faults_per_round(**environment) -> tuple[float, int]:
-    result = subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND], capture_output=True,
-                            text=True, check=True, env={**os.environ, **environment})
+def faults_per_round(megabytes, **environment) -> tuple[float, int]:
+    result = subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, str(megabytes)],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, **environment})
     faults, pages = result.stdout.split()
     return float(faults), int(pages)
 
 
+# 200 MB: the shapes job's scratch block; 2100 MB: above any finite trim threshold mallopt
+# takes (2 GB), as SSD300's 3 GB block at batch 8 is.
 @pytest.mark.skipif(not _is_glibc(), reason="the allocator settings are glibc's")
-def test_large_blocks_are_reused_not_faulted_in_again():
-    faults, pages = faults_per_round()
+@pytest.mark.parametrize("megabytes", [200, 2100])
+def test_large_blocks_are_reused_not_faulted_in_again(megabytes):
+    faults, pages = faults_per_round(megabytes)
     assert faults < 0.05 * pages
     # The measurement sees the churn when the settings are off (a glibc variable is set).
-    control, _ = faults_per_round(MALLOC_ARENA_MAX="8")
+    control, _ = faults_per_round(megabytes, MALLOC_ARENA_MAX="8")
     assert control > 0.9 * pages
 
 
