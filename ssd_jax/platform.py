@@ -3,7 +3,8 @@
 `configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
 `use_every_core` is called by experiments.train_voc before JAX starts its backends, for the
 runs that ask for it (`TrainConfig.cpu_device_per_core`: the shapes preset);
-`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient;
+`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient (and
+dilated convolutions as products);
 `compiler_options` are the XLA options of the project's jitted functions (a CPU scheduler).
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
@@ -138,9 +139,11 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
     whose window is the whole feature map, with both operands transposed first; that is
     half of SSD300's train step, and 2x (38x38 maps) to 5x (150x150) slower than
     torch's oneDNN kernel. As a matrix product over row-shifted operands (`_kernel_gradient`)
-    it runs at the speed of XLA's dot. Elsewhere (other platforms, strided or unpadded
-    convolutions, and the sizes where the products do not pay, `matmuls_pay`) this is lax's
-    own convolution.
+    it runs at the speed of XLA's dot. Dilated same-size convolutions, whose many taps on the
+    padding XLA's CPU convolution multiplies, are one product per tap over the pixels it
+    reaches (`_conv_as_tap_products`), forward and backward. Elsewhere (other platforms,
+    strided or unpadded convolutions, and the sizes where the products do not pay,
+    `matmuls_pay`) this is lax's own convolution.
     """
     dilation = tuple(rhs_dilation or (1, 1))
     spec = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
@@ -151,13 +154,46 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
                   and [tuple(pair) for pair in padding]
                   == [(d * (k - 1) // 2,) * 2 for d, k in zip(dilation, kernel.shape[:2])]
                   and all(k % 2 for k in kernel.shape[:2]))
-    if (jax.default_backend() != "cpu" or not keeps_size or kwargs.get("preferred_element_type")
-            or not matmuls_pay(x.shape, kernel.shape)):
+    on_cpu = jax.default_backend() == "cpu" and not kwargs.get("preferred_element_type")
+    if on_cpu and keeps_size and dilation != (1, 1):
+        return _conv_as_tap_products(x, kernel, dilation, kwargs.get("precision"))
+    if not (on_cpu and keeps_size and matmuls_pay(x.shape, kernel.shape)):
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, **kwargs)
     return _same_size_conv(x, kernel, dilation)
+
+
+def _conv_as_tap_products(x, kernel, dilation, precision=None):
+    """NHWC x HWIO stride-1 same-size convolution as one matrix product per kernel tap, each
+    over only the output pixels whose tap falls inside the map, summed; its gradients are
+    JAX's of those products.
+
+    Why: a dilated convolution on a small map has many taps on the zero padding (conv6 of
+    SSD300, 3x3 with dilation 6 on 19 x 19: 38% of them), and XLA's CPU convolution multiplies
+    them all. Skipping them (2 cores, B=8, forward / forward + backward, ms, two runs): SSD300's
+    conv6 174 / 486 and 168 / 450 with lax's, 121 / 266 and 110 / 260 this way; at B=1 25 / 66
+    -> 16 / 37; SSD512's conv6 (32 x 32) 492 / 1415 and 809 / 1353 -> 405 / 995 and 361 / 964.
+    Not for undilated 3x3 convolutions (19 x 19 x 512: 79 to 83 / 182 to 202 ms against 79 to
+    81 / 173 to 180), whose padding is a thin border.
+    """
+    kernel_height, kernel_width = kernel.shape[:2]
+    height, width = x.shape[1:3]
+    output = 0
+    for i in range(kernel_height):
+        for j in range(kernel_width):
+            # Output pixel (r, c) reads x at (r + di, c + dj).
+            di, dj = dilation[0] * (i - kernel_height // 2), dilation[1] * (j - kernel_width // 2)
+            top, bottom = max(0, -di), min(height, height - di)
+            left, right = max(0, -dj), min(width, width - dj)
+            if top >= bottom or left >= right:  # the tap lies outside the map for every pixel
+                continue
+            inside = x[:, top + di:bottom + di, left + dj:right + dj]
+            product = jnp.matmul(inside, kernel[i, j], precision=precision)
+            output += jnp.pad(product, ((0, 0), (top, height - bottom), (left, width - right),
+                                        (0, 0)))
+    return output
 
 
 # Where the matrix product beats lax's kernel gradient on a CPU (2 cores of an AMD EPYC,
@@ -234,5 +270,27 @@ def _kernel_gradient(x, output_gradient, kernel_shape, dilation):
     gradient_shifts = jnp.concatenate(
         [jnp.pad(gradient_rows, ((i * dh * padded_width, 0), (0, 0)))[:used_rows]
          for i in range(kh)], axis=1)
-    taps = gradient_shifts.T @ x_columns  # [(i, O), (j, I)]
+    # [(i, O), (j, I)]
+    taps = _product_over_rows(gradient_shifts, x_columns, min(channels_in, channels_out))
     return taps.reshape(kh, channels_out, kw, channels_in).transpose(0, 2, 3, 1)
+
+
+# XLA's CPU dot splits a product with a small output and a long sum ([3 O, rows] @ [rows, 3 I]
+# for a layer with few channels) poorly over the cores; as a batch of row blocks, one per
+# core, summed after, it ran faster (2 cores, the product alone, ms, best of 5, two runs):
+# conv1_2's [729630, 192] x [729630, 192] 469 -> 344 and 538 -> 388; conv2_1's 192 x 384 269 ->
+# 189 and 279 -> 176; conv2_2's 384 x 384 516 -> 346 and 372 -> 313; but conv3's 768 x 768
+# 341 -> 351, 322 -> 319 and conv4's 1536 x 1536 348 -> 375: so only up to 128 channels.
+ROW_BLOCKS_UP_TO_CHANNELS = 128
+
+
+def _product_over_rows(a, b, channels):
+    """a^T @ b for a [rows, M] and b [rows, N], summed over blocks of rows, one per core,
+    when the layer has at most `ROW_BLOCKS_UP_TO_CHANNELS` channels (see above)."""
+    blocks = _usable_cores() if channels <= ROW_BLOCKS_UP_TO_CHANNELS else 1
+    if blocks == 1:
+        return a.T @ b
+    extra_rows = -a.shape[0] % blocks  # zero rows, which add nothing to the sums
+    a, b = (jnp.pad(t, ((0, extra_rows), (0, 0))).reshape(blocks, -1, t.shape[1]) for t in (a, b))
+    per_block = jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))))  # [blocks, M, N]
+    return per_block.sum(axis=0)

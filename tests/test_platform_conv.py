@@ -8,11 +8,14 @@ import pytest
 from ssd_jax import platform
 
 
+def convolution(conv, strides, padding, dilation):
+    return lambda x, kernel: conv(x, kernel, strides, padding, rhs_dilation=dilation,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def loss(conv, strides, padding, dilation):
     def value(x, kernel):  # a non-linear loss: every output gets its own gradient
-        y = conv(x, kernel, strides, padding, rhs_dilation=dilation,
-                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sin(y).sum()
+        return jnp.sin(convolution(conv, strides, padding, dilation)(x, kernel)).sum()
     return value
 
 
@@ -21,6 +24,8 @@ def loss(conv, strides, padding, dilation):
     ((1, 13, 13, 4, 6), 3, (1, 1), [(6, 6)] * 2, (6, 6)),  # conv6: dilation 6
     ((2, 6, 8, 3, 2), (3, 5), (1, 1), [(1, 1), (2, 2)], (1, 1)),  # a 3x5 kernel
     ((1, 11, 9, 2, 3), 3, (1, 1), [(2, 2), (1, 1)], (2, 1)),  # dilated in height only
+    ((2, 5, 4, 3, 2), 3, (1, 1), [(6, 6)] * 2, (6, 6)),   # the outer taps miss the map entirely
+    ((1, 9, 12, 2, 3), 5, (1, 1), [(4, 4), (6, 6)], (2, 3)),  # 5x5, unequal dilations
     ((2, 5, 5, 8, 4), 1, (1, 1), [(0, 0)] * 2, (1, 1)),    # 1x1 convs
     ((2, 9, 9, 3, 4), 3, (2, 2), [(1, 1)] * 2, (1, 1)),    # strided: lax's own gradient
     ((2, 5, 5, 3, 4), 3, (1, 1), [(0, 0)] * 2, (1, 1)),    # unpadded: lax's own gradient
@@ -37,7 +42,9 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
                                               channels_out), np.float32))
     ours = loss(platform.conv_general_dilated, strides, padding, dilation)
     lax = loss(jax.lax.conv_general_dilated, strides, padding, dilation)
-    np.testing.assert_allclose(jax.jit(ours)(x, kernel), jax.jit(lax)(x, kernel), rtol=1e-6)
+    outputs = [jax.jit(convolution(conv, strides, padding, dilation))(x, kernel)
+               for conv in (platform.conv_general_dilated, jax.lax.conv_general_dilated)]
+    np.testing.assert_allclose(*outputs, rtol=1e-5, atol=1e-5)
     for got, expected in zip(jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel),
                              jax.jit(jax.grad(lax, argnums=(0, 1)))(x, kernel)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -54,3 +61,17 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
 ])
 def test_matrix_products_only_where_they_pay(x_shape, kernel_shape, expected):
     assert platform.matmuls_pay(x_shape, kernel_shape) is expected
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_kernel_gradient_is_the_same_over_any_number_of_row_blocks(cores, monkeypatch):
+    # 2 x 7 x 9 padded rows: a count no block count of 2 or more divides without zero rows.
+    monkeypatch.setattr(platform, "_usable_cores", lambda: cores)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 3), np.float32))
+    gradient = jnp.asarray(rng.standard_normal((2, 5, 7, 4), np.float32))
+    _, kernel_vjp = jax.vjp(lambda kernel: jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        jnp.zeros((3, 3, 3, 4)))
+    np.testing.assert_allclose(platform._kernel_gradient(x, gradient, (3, 3, 3, 4), (1, 1)),
+                               kernel_vjp(gradient)[0], rtol=1e-5, atol=1e-5)
