@@ -203,10 +203,15 @@ def _conv_as_tap_products(x, kernel, dilation, precision=None):
 # (0.31 at 64 x 64 x 512, 0.60 to 0.83 at 38 x 38 x 512, 0.65 at 38 x 38, 256 -> 512), but not
 # on smaller maps with fewer channels (1.34 at 38 x 38 x 128, 0.87 to 0.96 at 38 x 38 x 64),
 # nor on 19 x 19 maps (1.00 to 1.32) or with few channels (1.2 to 2.1 for ssd_mini's 16 to 32
-# channels on 32 x 32 to 64 x 64 maps).
-# (fewest channels, fewest pixels per map) pairs: the product pays where a conv reaches both
-# figures of either pair.
-MATMUL_PAYS_FROM = ((64, 75 * 75), (256, 38 * 38))
+# channels on 32 x 32 to 64 x 64 maps). lax's kernel gradient is slowest with many input
+# channels, so SSD300's class heads pay too (ms, two runs each): 38 x 38, 512 -> 84: 99 to
+# 128 against 78 to 86; 19 x 19, 1024 -> 126: 109 to 121 against 63 to 73; 1024 -> 24: 30 to 35
+# against 22 to 27; but not its 38 x 38 box head, 512 -> 16 (23 to 30 against 33 to 40), nor
+# 10 x 10, 512 -> 126 (13 to 18 against 18 to 21).
+# (fewest channels in, fewest channels out, fewest pixels per map): the product pays where a
+# conv reaches all three figures of one of them.
+MATMUL_PAYS_FROM = ((64, 64, 75 * 75), (256, 256, 38 * 38), (512, 64, 38 * 38),
+                    (1024, 24, 19 * 19))
 
 
 def matmuls_pay(x_shape, kernel_shape) -> bool:
@@ -215,9 +220,9 @@ def matmuls_pay(x_shape, kernel_shape) -> bool:
     kernel_height, kernel_width, channels_in, channels_out = kernel_shape
     if kernel_height == kernel_width == 1:
         return True
-    channels, pixels = min(channels_in, channels_out), x_shape[1] * x_shape[2]
-    return any(channels >= fewest_channels and pixels >= fewest_pixels
-               for fewest_channels, fewest_pixels in MATMUL_PAYS_FROM)
+    pixels = x_shape[1] * x_shape[2]
+    return any(channels_in >= fewest_in and channels_out >= fewest_out and pixels >= fewest_pixels
+               for fewest_in, fewest_out, fewest_pixels in MATMUL_PAYS_FROM)
 
 
 def _lax_same_size_conv(x, kernel, dilation):

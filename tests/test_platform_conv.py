@@ -33,7 +33,7 @@ def loss(conv, strides, padding, dilation):
 def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, padding, dilation,
                                                    monkeypatch):
     # Every size through the matrix products, so that these small cases test them.
-    monkeypatch.setattr(platform, "MATMUL_PAYS_FROM", ((0, 0),))
+    monkeypatch.setattr(platform, "MATMUL_PAYS_FROM", ((0, 0, 0),))
     batch, height, width, channels_in, channels_out = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, height, width, channels_in), np.float32))
@@ -58,6 +58,10 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
     ((2, 38, 38, 128), (3, 3, 128, 128), False),     # a smaller map, fewer channels
     ((2, 19, 19, 512), (3, 3, 512, 512), False),     # SSD300's conv5: smaller still
     ((32, 64, 64, 16), (3, 3, 16, 32), False),       # ssd_mini's few channels
+    ((2, 38, 38, 512), (3, 3, 512, 84), True),       # SSD300's class head on conv4_3
+    ((2, 38, 38, 512), (3, 3, 512, 16), False),      # ... and its box head: too few outputs
+    ((2, 19, 19, 1024), (3, 3, 1024, 24), True),     # the box head on conv7
+    ((2, 10, 10, 512), (3, 3, 512, 126), False),     # a class head on a smaller map
 ])
 def test_matrix_products_only_where_they_pay(x_shape, kernel_shape, expected):
     assert platform.matmuls_pay(x_shape, kernel_shape) is expected
