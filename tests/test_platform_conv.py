@@ -69,7 +69,7 @@ def test_matrix_products_only_where_they_pay(x_shape, kernel_shape, expected):
 
 @pytest.mark.parametrize("cores", [1, 2, 3])
 def test_kernel_gradient_is_the_same_over_any_number_of_row_blocks(cores, monkeypatch):
-    # 2 x 7 x 9 padded rows: a count no block count of 2 or more divides without zero rows.
+    # 2 x 7 x 9 padded rows, 124 of them used: 2 blocks split them evenly, 3 need zero rows.
     monkeypatch.setattr(platform, "_usable_cores", lambda: cores)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 5, 7, 3), np.float32))
