@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from ssd_jax.checkpoint import DamagedCheckpointError
+from ssd_jax.data.shapes import draw_ahead
 from ssd_jax.data.sources import DATASETS, DatasetUnavailableError, get_sources
 from ssd_jax.evaluation import format_ap_table
 from ssd_jax.flags import ConfigError, add_config_flags, config_from_args, usage_error
@@ -77,6 +78,8 @@ def main(argv=None) -> None:
             train_split=config.train_split, eval_split=config.eval_split, classes=config.classes)
     except DatasetUnavailableError as error:
         sys.exit(f"error: {error}")
+    if config.dataset == "shapes":
+        draw_ahead([train_source, eval_source])  # on every core while the step compiles
     for source in (train_source, eval_source):
         if hasattr(source, "describe"):
             print(source.describe())

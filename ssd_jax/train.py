@@ -444,6 +444,11 @@ def train(config: TrainConfig, train_source, eval_source, class_names, *, device
         image_size=image_size, seed=config.seed, transform=transform,
         worker_count=config.num_workers, start_step=start_step,
         shard=(jax.process_index(), jax.process_count()), keep_difficult=config.keep_difficult)
+    # Compiled before the first batch is read, so that compiling overlaps the input's start
+    # (grain's workers, shapes drawn ahead); the loop's first call finds it in JAX's caches.
+    train_step.lower(state, shard_batch(pipeline.empty_train_batch(
+        batch_size=local_batch_size, max_boxes=config.max_boxes, image_size=image_size),
+        mesh)).compile()
     predict = inference.make_predict_fn(graphdef, run_model_config, mesh=mesh)
     log = MetricsLog(workdir / "metrics.jsonl", start_step, writes=is_main_process())
 

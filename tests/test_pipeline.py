@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ssd_jax.data.resize import resize_image
-from ssd_jax.data.pipeline import make_eval_loader, make_train_loader, pad_targets
+from ssd_jax.data.pipeline import (empty_train_batch, make_eval_loader, make_train_loader,
+                                   pad_targets)
 from ssd_jax.data.shapes import ShapesDataset
 
 SIZE = 64
@@ -57,6 +58,17 @@ def test_difficult_objects_are_dropped_unless_kept():
     np.testing.assert_array_equal(dropped["boxes"][1], example["boxes"][3])
     kept = pad_targets(example, 4, keep_difficult=True)
     np.testing.assert_array_equal(kept["labels"], [1, 2, 3, 4])
+
+
+def test_the_empty_train_batch_has_the_loaders_shapes_and_dtypes():
+    loader = make_train_loader(SOURCE, seed=0, **LOADER)
+    batch = next(loader)
+    loader.close()
+    empty = empty_train_batch(**LOADER)
+    assert empty.keys() == batch.keys() - {"unreadable"}
+    for key, value in empty.items():
+        assert (value.shape, value.dtype) == (batch[key].shape, batch[key].dtype), key
+        assert not value.any()
 
 
 def test_train_loader_keeps_difficult_objects_when_asked():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ssd_jax.data import shapes
-from ssd_jax.data.shapes import CLASS_NAMES, NUM_CLASSES, ShapesDataset
+from ssd_jax.data.shapes import CLASS_NAMES, NUM_CLASSES, ShapesDataset, draw_ahead
 
 SIZE = 128
 VALIDATION = ShapesDataset("validation", num_examples=200, image_size=SIZE)
@@ -112,6 +112,39 @@ def test_a_cached_dataset_gives_the_drawn_examples_read_only_and_draws_each_once
         assert not first[key].flags.writeable
     with pytest.raises(IndexError):
         cached[4]
+
+
+def test_draw_ahead_fills_the_caches_with_the_examples_a_read_draws():
+    """In two worker processes and in this one: the same examples, read-only, each once."""
+    train = ShapesDataset("train", num_examples=30, image_size=64, cache=True)
+    val = ShapesDataset("validation", num_examples=7, image_size=64, cache=True)
+    already = train[3]
+    draw_ahead([train, val], processes=2, chunk=8)
+    assert len(train._drawing) == 4 and len(val._drawing) == 1  # on their way, not waited for
+    assert train[29]["image"].shape == (64, 64, 3)  # waits for the last chunk only
+    assert len(train._cache) == 1 + 6 and len(train._drawing) == 3
+    inline = ShapesDataset("train", num_examples=30, image_size=64, cache=True)
+    draw_ahead([inline], processes=1)
+    assert len(inline._cache) == 30 and not inline._drawing
+    for dataset in (train, val, inline):
+        fresh = ShapesDataset(**dataset.settings())
+        for index in range(len(dataset)):
+            for key, value in fresh[index].items():
+                np.testing.assert_array_equal(dataset[index][key], value)
+                assert not dataset[index][key].flags.writeable
+        assert not dataset._drawing
+    assert train[3] is already  # a cached example is not replaced
+    with pytest.raises(ValueError, match="cache=True"):
+        draw_ahead([ShapesDataset("train", num_examples=4)])
+
+
+def test_a_dataset_being_drawn_ahead_can_be_pickled_for_grain_workers():
+    import pickle
+    dataset = ShapesDataset("train", num_examples=20, image_size=64, cache=True)
+    draw_ahead([dataset], processes=2, chunk=10)
+    copy = pickle.loads(pickle.dumps(dataset))  # drawn on reading, over there
+    for key, value in dataset[15].items():
+        np.testing.assert_array_equal(copy[15][key], value)
 
 
 def test_the_training_augmentation_never_writes_into_a_cached_example():

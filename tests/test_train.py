@@ -146,9 +146,12 @@ def test_non_finite_loss_stops_training_loudly(tmp_path):
         train_lib.train(config, *tiny_sources(), CLASS_NAMES)
 
 
-def test_saved_model_reloads_with_its_class_names(tmp_path):
+def test_saved_model_reloads_with_its_class_names_and_the_step_compiled_once(tmp_path, caplog):
     config = dataclasses.replace(TINY, num_steps=2, workdir=str(tmp_path))
-    train_lib.train(config, *tiny_sources(), CLASS_NAMES)
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        train_lib.train(config, *tiny_sources(), CLASS_NAMES)
+    # compiled ahead for pipeline.empty_train_batch, and the real batches hit that compilation
+    assert caplog.text.count("Finished XLA compilation of jit(train_step)") == 1
     loaded = load_model(tmp_path)
     model = loaded.model
     assert loaded.class_names == CLASS_NAMES and loaded.meta["train"]["num_steps"] == 2

@@ -10,10 +10,16 @@ shows.
 Example `i` of a split is drawn from a NumPy generator seeded with (seed, split, i): the same
 example comes back whatever the access order, and train and validation never share an image.
 """
+import concurrent.futures
+import multiprocessing
 import operator
+import os
+import threading
+import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 CLASS_NAMES = ("ellipse", "rectangle", "triangle", "diamond", "star", "cross")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -29,6 +35,9 @@ MIN_VISIBLE = 0.6        # fraction of an object's pixels that later objects mus
 MIN_CONTRAST = 100.0     # RGB distance of an object's colour to the background and its neighbours
 NOISE = 10               # pixel noise amplitude (uniform, per channel), on background and objects
 PLACEMENT_TRIES = 20     # tries to place one object before giving up on it
+# draw_ahead's worker processes take 2 to 3 s each to start (imports), the time of drawing
+# about 2,000 images in this process: below that they do not pay.
+WORKERS_PAY_FROM = 2_000
 
 
 def _star(points=5, inner=0.45):
@@ -171,6 +180,9 @@ class ShapesDataset:
         # than one epoch: drawing costs ~1.7 ms of CPU per 128 x 128 image, a lookup nothing;
         # the memory is ~50 KB per 128 x 128 example (1 GB for 20,000).
         self._cache = {} if cache else None
+        self._drawing = {}  # first index of a chunk -> (last index + 1, future): draw_ahead's
+        self._chunk = 1
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.num_examples
@@ -179,13 +191,48 @@ class ShapesDataset:
         if self._cache is None:
             return self.render(index)[0]
         index = operator.index(index)
-        example = self._cache.get(index)
-        if example is None:
-            example = self.render(index)[0]
-            for array in example.values():
-                array.setflags(write=False)  # shared by every later read: never changed
-            self._cache[index] = example
+        if index not in self._cache:
+            self._collect_drawn(index)
+        if index not in self._cache:
+            self._keep(index, self.render(index)[0])
+        return self._cache[index]
+
+    def _collect_drawn(self, index: int) -> None:
+        """Waits for draw_ahead's workers to draw the chunk holding `index`, if they are at it."""
+        with self._lock:  # one reader collects a chunk; the others wait, then find it cached
+            start = index - index % self._chunk
+            stop, future = self._drawing.pop(start, (None, None))
+            if future is None:
+                return
+            try:
+                examples = future.result()
+            except concurrent.futures.process.BrokenProcessPool as error:
+                # e.g. a __main__ that spawned workers cannot import (a script read from stdin)
+                warnings.warn(f"drawing shapes {start}..{stop - 1} in this process: the worker "
+                              f"processes failed ({error})")
+                return
+            for drawn_index, example in zip(range(start, stop), examples):
+                if drawn_index not in self._cache:
+                    self._keep(drawn_index, example)
+
+    def __getstate__(self):
+        # A lock and the workers' futures stay in this process; in another one (grain's
+        # workers) the examples not drawn yet are drawn when read.
+        return {**self.__dict__, "_lock": None, "_drawing": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _keep(self, index: int, example: dict) -> dict:
+        for array in example.values():
+            array.setflags(write=False)  # shared by every later read: never changed
+        self._cache[index] = example
         return example
+
+    def settings(self) -> dict:
+        """The constructor arguments that fix the examples (all but `cache`)."""
+        return dict(split=self.split, num_examples=self.num_examples,
+                    image_size=self.image_size, max_objects=self.max_objects, seed=self.seed)
 
     def render(self, index) -> tuple[dict, np.ndarray]:
         """Example `index` and its owner map: int8 [S, S], the object visible at each pixel (its
@@ -230,3 +277,57 @@ class ShapesDataset:
             "difficult": np.zeros(len(labels), bool),
         }
         return example, owner
+
+
+def _draw_examples(settings: dict, start: int, stop: int) -> list[dict]:
+    """Examples start..stop-1 of ShapesDataset(**settings), in a worker process."""
+    dataset = ShapesDataset(**settings)
+    return [dataset.render(index)[0] for index in range(start, stop)]
+
+
+def draw_ahead(datasets, processes: int | None = None, chunk: int = 250) -> None:
+    """Starts drawing every example of the cached `datasets` in `processes` worker processes
+    (default: one per core the process may use) and returns; a read of an example waits for
+    the chunk that holds it.
+
+    Drawn on the fly, the main job's first epoch of 20,000 images drew ~1.5 ms of CPU per
+    image in grain's threads, beside a train step that keeps both cores busy on two devices
+    that wait for each other: each of the first 1250 steps took ~40 ms longer (BENCHMARKS.md,
+    the main job). Drawn ahead on every core while the train step compiles, they cost about
+    20 s once. The examples are the ones `dataset[i]` draws, whatever the number of processes.
+
+    Args:
+      datasets: ShapesDatasets made with cache=True.
+      processes: worker processes; 1 draws in this process before returning; None: one per
+        core, or 1 for fewer than WORKERS_PAY_FROM examples.
+      chunk: examples per task handed to a worker.
+    """
+    if any(dataset._cache is None for dataset in datasets):
+        raise ValueError("draw_ahead fills caches: make the datasets with cache=True")
+    datasets = [dataset for dataset in datasets if not dataset._drawing]  # not already at it
+    tasks = [(dataset, start, min(start + chunk, len(dataset)))
+             for dataset in datasets for start in range(0, len(dataset), chunk)
+             if not all(index in dataset._cache
+                        for index in range(start, min(start + chunk, len(dataset))))]
+    if processes is None:
+        total = sum(len(dataset) for dataset in datasets)
+        processes = len(os.sched_getaffinity(0)) if total >= WORKERS_PAY_FROM else 1
+    if not tasks:
+        return
+    if processes == 1:
+        for dataset in datasets:
+            for index in tqdm(range(len(dataset)), desc="draw shapes", unit="image",
+                              leave=False):
+                dataset[index]
+        return
+    # spawn, not fork: the parent runs JAX's threads, which a forked child would not have.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"))
+    for dataset in datasets:
+        with dataset._lock:
+            dataset._chunk = chunk
+    for dataset, start, stop in tasks:
+        future = pool.submit(_draw_examples, dataset.settings(), start, stop)
+        with dataset._lock:
+            dataset._drawing[start] = (stop, future)
+    pool.shutdown(wait=False)  # the workers finish the tasks, then exit

@@ -33,11 +33,12 @@ def get_sources(dataset: str, *, image_size: int, train_examples: int = 0,
     Raises DatasetUnavailableError when the data is not there or is unusable.
     """
     if dataset == "shapes":
-        # Cached: the main job reads its 20,000 training images about twice.
+        # Cached: the main job reads its 20,000 training images about twice, and the
+        # validation images at each evaluation.
         train = ShapesDataset("train", num_examples=train_examples or 20_000,
                               image_size=image_size, seed=seed, cache=True)
         val = ShapesDataset("validation", num_examples=eval_examples or 500,
-                            image_size=image_size, seed=seed)
+                            image_size=image_size, seed=seed, cache=True)
         return train, val, SHAPE_CLASSES
     if dataset == "voc":
         try:
