@@ -147,10 +147,10 @@ def make_train_loader(source, *, batch_size: int, max_boxes: int, seed: int, tra
 def empty_train_batch(*, batch_size: int, max_boxes: int, image_size: int) -> dict:
     """Zeros in the shapes and dtypes of `make_train_loader`'s batches, less "unreadable":
     what the train step can be compiled for before the first batch is read."""
-    return {"image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-            "boxes": np.zeros((batch_size, max_boxes, 4), np.float32),
-            "labels": np.zeros((batch_size, max_boxes), np.int32),
-            "mask": np.zeros((batch_size, max_boxes), bool)}
+    empty = pad_targets({"image": np.zeros((image_size, image_size, 3), np.uint8),
+                         "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32),
+                         "difficult": np.zeros(0, bool)}, max_boxes)
+    return {key: np.stack([value] * batch_size) for key, value in empty.items()}
 
 
 def _padded_train_example(example: dict, max_boxes: int, keep_difficult: bool) -> dict:

@@ -180,7 +180,9 @@ class ShapesDataset:
         # than one epoch: drawing costs ~1.7 ms of CPU per 128 x 128 image, a lookup nothing;
         # the memory is ~50 KB per 128 x 128 example (1 GB for 20,000).
         self._cache = {} if cache else None
-        self._drawing = {}  # first index of a chunk -> (last index + 1, future): draw_ahead's
+        # draw_ahead's chunks on their way: first index -> (last index + 1, worker's future),
+        # each chunk `_chunk` examples long
+        self._drawing = {}
         self._chunk = 1
         self._lock = threading.Lock()
 
@@ -208,7 +210,8 @@ class ShapesDataset:
                 examples = future.result()
             except concurrent.futures.process.BrokenProcessPool as error:
                 # e.g. a __main__ that spawned workers cannot import (a script read from stdin)
-                warnings.warn(f"drawing shapes {start}..{stop - 1} in this process: the worker "
+                # (one message for every chunk, so Python shows it once)
+                warnings.warn(f"drawing the shapes in this process: draw_ahead's worker "
                               f"processes failed ({error})")
                 return
             for drawn_index, example in zip(range(start, stop), examples):
@@ -310,7 +313,7 @@ def draw_ahead(datasets, processes: int | None = None, chunk: int = 250) -> None
              if not all(index in dataset._cache
                         for index in range(start, min(start + chunk, len(dataset))))]
     if processes is None:
-        total = sum(len(dataset) for dataset in datasets)
+        total = sum(stop - start for _, start, stop in tasks)
         processes = len(os.sched_getaffinity(0)) if total >= WORKERS_PAY_FROM else 1
     if not tasks:
         return
