@@ -84,7 +84,7 @@ class Detector:
         graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
         predict = inference.predict_function(graphdef, model.config, self.settings)
 
-        @functools.partial(jax.jit, compiler_options=platform.compiler_options())
+        @functools.partial(jax.jit, compiler_options=platform.compiler_options(inference=True))
         def forward(params, rest, images, sizes):
             """images [B, S, S, 3], sizes float32 [B, 2] original (width, height)."""
             outputs = predict(params, rest, images)

@@ -103,10 +103,10 @@ def make_predict_fn(graphdef, model_config, settings: InferenceConfig = Inferenc
     """
     predict = predict_function(graphdef, model_config, settings, mesh)
     if mesh is None:
-        return jax.jit(predict, compiler_options=platform.compiler_options())
+        return jax.jit(predict, compiler_options=platform.compiler_options(inference=True))
     return jax.jit(predict, in_shardings=(replicated(mesh), replicated(mesh), batch_split(mesh)),
                    out_shardings=replicated(mesh),
-                   compiler_options=platform.compiler_options(mesh.devices.flat))
+                   compiler_options=platform.compiler_options(mesh.devices.flat, inference=True))
 
 
 def predict_function(graphdef, model_config, settings: InferenceConfig = InferenceConfig(),

@@ -5,7 +5,8 @@
 runs that ask for it (`TrainConfig.cpu_device_per_core`: the shapes preset);
 `conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient (and
 dilated convolutions as products);
-`compiler_options` are the XLA options of the project's jitted functions (a CPU scheduler).
+`compiler_options` are the XLA options of the project's jitted functions (a CPU scheduler;
+for inference, how convolutions are handed to YNNPACK).
 
 Why: XLA's CPU runtime allocates each execution's scratch memory in one block (203 MB for the
 shapes job's train step) and frees it at the end. glibc's malloc serves blocks that large with a
@@ -117,17 +118,33 @@ def _is_glibc() -> bool:
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
-def compiler_options(devices=None) -> dict:
-    """XLA compiler options for a top-level `jax.jit` of the project running on `devices`
-    (default: JAX's default backend): `CPU_COMPILER_OPTIONS` on a CPU, none elsewhere.
+# XLA's CPU compiler hands YNNPACK whole chains of convolutions and elementwise work as one
+# fusion: SSD300's conv1_1 to conv4_3 at inference, 318 ms at 159 GFLOP/s where the same
+# convolutions handed over one at a time run at 180 to 207 GFLOP/s. For inference, one
+# convolution per YNNPACK call (the elementwise work and the pools left to XLA's own loops):
+# SSD300's forward at batch 1 325 to 352 ms instead of 385 to 406 (best of 9 calls, five
+# processes alternating); no change beyond the noise at batch 8 (2.65 s), nor for SSD512 at batch 1
+# (0.95 to 1.0 s) or ssd_mini's evaluation. Not for training: SSD300's step at batch 8 took
+# 10.3 to 15.8 s this way against 9.0 to 10.5 s (docs/cpu_speed.md, "Inference").
+CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
-    A scheduler the user names in XLA_FLAGS wins (then this returns none). JAX takes
-    compiler options on the outermost jit only, so each jit a user calls directly passes them.
+
+def compiler_options(devices=None, *, inference: bool = False) -> dict:
+    """XLA compiler options for a top-level `jax.jit` of the project running on `devices`
+    (default: JAX's default backend): `CPU_COMPILER_OPTIONS` on a CPU, with
+    `CPU_INFERENCE_OPTIONS` for a function that only runs the model forward (`inference`);
+    none elsewhere.
+
+    An option the user names in XLA_FLAGS wins (it is then left out). JAX takes compiler
+    options on the outermost jit only, so each jit a user calls directly passes them.
     """
     platform = devices[0].platform if devices is not None else jax.default_backend()
-    if platform != "cpu" or "xla_cpu_scheduler_type" in os.environ.get("XLA_FLAGS", ""):
+    if platform != "cpu":
         return {}
-    return dict(CPU_COMPILER_OPTIONS)
+    options = dict(CPU_COMPILER_OPTIONS, **(CPU_INFERENCE_OPTIONS if inference else {}))
+    named_in_flags = os.environ.get("XLA_FLAGS", "")
+    return {name: value for name, value in options.items() if name not in named_in_flags}
 
 
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

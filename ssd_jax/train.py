@@ -34,7 +34,7 @@ from ssd_jax.flags import (ConfigError, flag_name, require_choice, require_int,
                            require_number)
 from ssd_jax.loss import multibox_loss
 from ssd_jax.matching import build_targets
-from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, get_config
+from ssd_jax.model import CONFIGS, DTYPES, SSD, ModelConfig, create_ssd, get_config
 from ssd_jax.plots import plot_loss_curve
 from ssd_jax.sharding import (batch_split, check_batch_size, data_mesh, is_main_process,
                               maybe_initialize_distributed, per_device, replicate, replicated,
@@ -268,7 +268,7 @@ def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelCon
 
 
 def build_model(config: TrainConfig, num_classes: int, **overrides) -> SSD:
-    return SSD(model_config(config, num_classes, **overrides), rngs=nnx.Rngs(config.seed))
+    return create_ssd(model_config(config, num_classes, **overrides), config.seed)
 
 
 class MetricsLog:

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from reference.priors import cell_boxes, prior_boxes
-from ssd_jax.model import (CONFIGS, SSD, L2Norm, MaxPool, _tiled_max_pool, count_params, get_config,
-                           ssd300, ssd512, ssd_mini)
+from ssd_jax.model import (CONFIGS, SSD, L2Norm, MaxPool, _tiled_max_pool, count_params, create_ssd,
+                           get_config, ssd300, ssd512, ssd_mini)
 
 
 def abstract_model(config):
@@ -40,6 +40,21 @@ def mini_config():
 @pytest.fixture(scope="module")
 def mini_model(mini_config):
     return SSD(mini_config, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_create_ssd_draws_the_same_weights_as_the_eager_constructor(mini_config, mini_model, seed):
+    eager = mini_model if seed == 0 else SSD(mini_config, rngs=nnx.Rngs(seed))
+    created = create_ssd(mini_config, seed)
+    assert nnx.graphdef(created) == nnx.graphdef(eager)
+    eager_state, created_state = nnx.to_pure_dict(nnx.state(eager)), nnx.to_pure_dict(
+        nnx.state(created))
+    assert jax.tree.structure(created_state) == jax.tree.structure(eager_state)
+    for ours, theirs in zip(jax.tree.leaves(created_state), jax.tree.leaves(eager_state)):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)
+    images = random_images(mini_config)
+    np.testing.assert_array_equal(created(images)[1], eager(images)[1])
 
 
 @pytest.mark.parametrize("make_config, expected", [(ssd300, 26_285_486), (ssd512, 27_188_676)])

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from ssd_jax.platform import CPU_COMPILER_OPTIONS, _is_glibc, compiler_options, host_device_count
+from ssd_jax.platform import (CPU_COMPILER_OPTIONS, CPU_INFERENCE_OPTIONS, _is_glibc,
+                              compiler_options, host_device_count)
 
 # In a fresh process: a worker thread (as XLA's are) mallocs, fills and frees a block of
 # argv[1] MB five times (with malloc itself, as XLA does: NumPy would ask for huge pages); prints the minor
@@ -109,9 +110,31 @@ def test_cpu_jits_get_the_memory_ordered_scheduler_and_this_xla_accepts_it(monke
     np.testing.assert_array_equal(compiled(np.ones(3)), 2.0)
 
 
+def test_cpu_inference_jits_hand_convolutions_over_one_at_a_time_and_this_xla_accepts_it(
+        monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = compiler_options(jax.devices("cpu"), inference=True)
+    assert options == {**CPU_COMPILER_OPTIONS, **CPU_INFERENCE_OPTIONS}
+    x = np.arange(2 * 6 * 6 * 3, dtype=np.float32).reshape(2, 6, 6, 3) / 100
+    kernel = np.linspace(-1, 1, 3 * 3 * 3 * 4, dtype=np.float32).reshape(3, 3, 3, 4)
+
+    def conv_relu(x):
+        return jax.nn.relu(jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    compiled = jax.jit(conv_relu, compiler_options=options).lower(x).compile()
+    np.testing.assert_allclose(compiled(x), jax.jit(conv_relu)(x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_scheduler_named_in_xla_flags_wins_over_the_projects(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
     assert compiler_options(jax.devices("cpu")) == {}
+    assert compiler_options(jax.devices("cpu"), inference=True) == CPU_INFERENCE_OPTIONS
+
+
+def test_a_ynn_fusion_type_named_in_xla_flags_wins_over_the_projects(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert compiler_options(jax.devices("cpu"), inference=True) == CPU_COMPILER_OPTIONS
 
 
 def test_other_platforms_get_no_cpu_options():
@@ -119,3 +142,4 @@ def test_other_platforms_get_no_cpu_options():
         platform = "gpu"
 
     assert compiler_options([Accelerator()]) == {}
+    assert compiler_options([Accelerator()], inference=True) == {}
