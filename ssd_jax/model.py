@@ -347,14 +347,15 @@ def create_ssd(config: ModelConfig, seed: int = 0) -> SSD:
     the same bits (tested), in a fraction of the time.
 
     Why: built eagerly, each weight's random draw of a new shape compiles an XLA program of its
-    own, 32 for ssd_mini (4.4 of the 5.1 s that SSD took to build on 2 cores). One program
-    compiled without LLVM's optimizations, which a single run of integer hashing does not
-    need, built ssd_mini in 1.7 to 1.8 s and SSD300 in 3.3 to 3.7 s instead of 5.5 to 6.1 and
-    14.4 to 15.3 s (2 cores, one process each; with the default optimizations 6.9 and 10.0 s).
+    own, 32 for ssd_mini (4.4 of the 5.1 s that SSD took to build on 2 cores). One program,
+    compiled on a CPU without LLVM's optimizations (`platform.run_once_compiler_options`),
+    built ssd_mini in 1.7 to 1.8 s and SSD300 in 3.3 to 3.7 s instead of 5.5 to 6.1 and 14.4
+    to 15.3 s (2 cores, one process each; one program with the default optimizations: 6.9
+    and 10.0 s).
     """
     graphdef = nnx.split(nnx.eval_shape(lambda: SSD(config, rngs=nnx.Rngs(seed))))[0]
     draw = jax.jit(lambda: nnx.state(SSD(config, rngs=nnx.Rngs(seed))),
-                   compiler_options={"xla_backend_optimization_level": 0})
+                   compiler_options=platform.run_once_compiler_options())
     return nnx.merge(graphdef, draw())
 
 

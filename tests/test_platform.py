@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from ssd_jax.platform import (CPU_COMPILER_OPTIONS, CPU_INFERENCE_OPTIONS, _is_glibc,
-                              compiler_options, host_device_count)
+from ssd_jax.platform import (CPU_COMPILER_OPTIONS, CPU_INFERENCE_OPTIONS, CPU_RUN_ONCE_OPTIONS,
+                              _is_glibc, compiler_options, host_device_count,
+                              run_once_compiler_options)
 
 # In a fresh process: a worker thread (as XLA's are) mallocs, fills and frees a block of
 # argv[1] MB five times (with malloc itself, as XLA does: NumPy would ask for huge pages); prints the minor
@@ -135,6 +136,17 @@ def test_a_scheduler_named_in_xla_flags_wins_over_the_projects(monkeypatch):
 def test_a_ynn_fusion_type_named_in_xla_flags_wins_over_the_projects(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     assert compiler_options(jax.devices("cpu"), inference=True) == CPU_COMPILER_OPTIONS
+
+
+def test_run_once_jits_get_no_llvm_optimizations_on_a_cpu_unless_xla_flags_name_them(
+        monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert run_once_compiler_options() == CPU_RUN_ONCE_OPTIONS
+    compiled = jax.jit(lambda x: x * 2, compiler_options=run_once_compiler_options()).lower(
+        np.ones(3)).compile()
+    np.testing.assert_array_equal(compiled(np.ones(3)), 2.0)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+    assert run_once_compiler_options() == {}
 
 
 def test_other_platforms_get_no_cpu_options():
