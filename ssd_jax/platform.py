@@ -123,10 +123,11 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPT
 # fusion: SSD300's conv1_1 to conv4_3 at inference, 318 ms at 159 GFLOP/s where the same
 # convolutions handed over one at a time run at 180 to 207 GFLOP/s. For inference, one
 # convolution per YNNPACK call (the elementwise work and the pools left to XLA's own loops):
-# SSD300's forward at batch 1 325 to 352 ms instead of 385 to 406 (best of 9 calls, five
-# processes alternating); no change beyond the noise at batch 8 (2.65 s), nor for SSD512 at batch 1
-# (0.95 to 1.0 s) or ssd_mini's evaluation. Not for training: SSD300's step at batch 8 took
-# 10.3 to 15.8 s this way against 9.0 to 10.5 s (docs/cpu_speed.md, "Inference").
+# SSD300's forward at batch 1 325 to 352 ms instead of 385 to 406 (best of 9 calls, separate
+# processes alternating); no change beyond the noise at batch 8 (2.65 s), nor for SSD512 at
+# batch 1 (0.95 to 1.0 s) or ssd_mini's evaluation. Not for training: SSD300's step at batch 8
+# took 10.3 to 15.8 s this way against 9.0 to 10.5 s (docs/cpu_speed.md, "Inference: one
+# convolution per YNNPACK call").
 CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
@@ -143,7 +144,12 @@ def compiler_options(devices=None, *, inference: bool = False) -> dict:
     platform = devices[0].platform if devices is not None else jax.default_backend()
     if platform != "cpu":
         return {}
-    options = dict(CPU_COMPILER_OPTIONS, **(CPU_INFERENCE_OPTIONS if inference else {}))
+    return _unless_in_xla_flags(dict(CPU_COMPILER_OPTIONS,
+                                     **(CPU_INFERENCE_OPTIONS if inference else {})))
+
+
+def _unless_in_xla_flags(options: dict) -> dict:
+    """`options` but those that XLA_FLAGS names: the user's setting wins."""
     named_in_flags = os.environ.get("XLA_FLAGS", "")
     return {name: value for name, value in options.items() if name not in named_in_flags}
 
@@ -160,9 +166,7 @@ def run_once_compiler_options() -> dict:
     elsewhere."""
     if jax.default_backend() != "cpu":
         return {}
-    named_in_flags = os.environ.get("XLA_FLAGS", "")
-    return {name: value for name, value in CPU_RUN_ONCE_OPTIONS.items()
-            if name not in named_in_flags}
+    return _unless_in_xla_flags(CPU_RUN_ONCE_OPTIONS)
 
 
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
