@@ -22,6 +22,7 @@ ImageNet VGG16 converter can load by name:
 Kernels are HWIO (Caffe/PyTorch store OIHW: transpose (2, 3, 1, 0) when loading).
 """
 import dataclasses
+import functools
 import math
 
 import jax
@@ -351,12 +352,19 @@ def create_ssd(config: ModelConfig, seed: int = 0) -> SSD:
     compiled on a CPU without LLVM's optimizations (`platform.run_once_compiler_options`),
     built ssd_mini in 1.7 to 1.8 s and SSD300 in 3.3 to 3.7 s instead of 5.5 to 6.1 and 14.4
     to 15.3 s (2 cores, one process each; one program with the default optimizations: 6.9
-    and 10.0 s).
+    and 10.0 s). The program is kept per (config, seed), so building the same model again in
+    one process compiles nothing, as the eager constructor's cached draws did.
     """
-    graphdef = nnx.split(nnx.eval_shape(lambda: SSD(config, rngs=nnx.Rngs(seed))))[0]
-    draw = jax.jit(lambda: nnx.state(SSD(config, rngs=nnx.Rngs(seed))),
-                   compiler_options=platform.run_once_compiler_options())
-    return nnx.merge(graphdef, draw())
+    options = tuple(sorted(platform.run_once_compiler_options().items()))
+    return nnx.merge(*_weight_draw(options)(config, seed))
+
+
+@functools.cache
+def _weight_draw(compiler_options: tuple):
+    """The jitted `(config, seed) -> nnx.split(SSD(config, rngs=nnx.Rngs(seed)))`, both
+    arguments static, compiled with `compiler_options` ((name, value) pairs)."""
+    return jax.jit(lambda config, seed: nnx.split(SSD(config, rngs=nnx.Rngs(seed))),
+                   static_argnums=(0, 1), compiler_options=dict(compiler_options))
 
 
 def _conv(config: ModelConfig, in_features: int, layer: Conv, rngs: nnx.Rngs) -> nnx.Conv:

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from reference.priors import cell_boxes, prior_boxes
-from ssd_jax.model import (CONFIGS, SSD, L2Norm, MaxPool, _tiled_max_pool, count_params, create_ssd,
-                           get_config, ssd300, ssd512, ssd_mini)
+from ssd_jax import platform
+from ssd_jax.model import (CONFIGS, SSD, L2Norm, MaxPool, _tiled_max_pool, _weight_draw,
+                           count_params, create_ssd, get_config, ssd300, ssd512, ssd_mini)
 
 
 def abstract_model(config):
@@ -55,6 +56,18 @@ def test_create_ssd_draws_the_same_weights_as_the_eager_constructor(mini_config,
         np.testing.assert_array_equal(ours, theirs)
     images = random_images(mini_config)
     np.testing.assert_array_equal(created(images)[1], eager(images)[1])
+
+
+def test_create_ssd_compiles_once_per_config_and_seed_and_never_shares_buffers(mini_config):
+    first = create_ssd(mini_config, 3)
+    draw = _weight_draw(tuple(sorted(platform.run_once_compiler_options().items())))
+    compiled = draw._cache_size()
+    second = create_ssd(mini_config, 3)
+    assert draw._cache_size() == compiled
+    # A train step donates its state: two models must not hold the same buffers.
+    for a, b in zip(jax.tree.leaves(nnx.state(first)), jax.tree.leaves(nnx.state(second))):
+        assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("make_config, expected", [(ssd300, 26_285_486), (ssd512, 27_188_676)])
