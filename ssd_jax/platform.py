@@ -23,6 +23,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from ssd_jax import onednn
+
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -194,6 +196,12 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
                   == [(d * (k - 1) // 2,) * 2 for d, k in zip(dilation, kernel.shape[:2])]
                   and all(k % 2 for k in kernel.shape[:2]))
     on_cpu = jax.default_backend() == "cpu" and not kwargs.get("preferred_element_type")
+    if on_cpu and _onednn_takes(x, kernel, spec, dimension_numbers, lhs_dilation,
+                                feature_group_count):
+        padding = (jax.lax.padtype_to_pads(x.shape[1:3], [d * (k - 1) + 1 for d, k in zip(
+            dilation, kernel.shape[:2])], window_strides, padding)
+                   if isinstance(padding, str) else padding)
+        return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads())
     if on_cpu and keeps_size and dilation != (1, 1):
         return _conv_as_tap_products(x, kernel, dilation, kwargs.get("precision"))
     if not (on_cpu and keeps_size and matmuls_pay(x.shape, kernel.shape)):
@@ -202,6 +210,21 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, **kwargs)
     return _same_size_conv(x, kernel, dilation)
+
+
+def _onednn_takes(x, kernel, spec, dimension_numbers, lhs_dilation, feature_group_count):
+    """Whether oneDNN's convolution (`onednn.conv`) computes this one: a float32 NHWC x HWIO
+    convolution, ungrouped, without input dilation, when oneDNN is available."""
+    return (x.ndim == 4 and x.dtype == kernel.dtype == jnp.float32 and feature_group_count == 1
+            and tuple(lhs_dilation or (1, 1)) == (1, 1) and x.size > 0
+            and jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) == spec
+            and onednn.available())
+
+
+def _onednn_threads() -> int:
+    """The cores one oneDNN convolution may use: all of them, shared out among XLA's CPU
+    devices when there are several (`use_every_core`), which run side by side."""
+    return max(1, _usable_cores() // jax.local_device_count("cpu"))
 
 
 def _conv_as_tap_products(x, kernel, dilation, precision=None):

@@ -1,11 +1,17 @@
 """ssd_jax.platform.conv_general_dilated: lax's convolution, values and gradients, whichever
-way it computes the kernel gradient."""
+way it computes the kernel gradient, with XLA's convolutions (oneDNN's: tests/test_onednn.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import platform
+from ssd_jax import onednn, platform
+
+
+@pytest.fixture(autouse=True)
+def xla_convolutions():
+    with onednn.turned_off():
+        yield
 
 
 def convolution(conv, strides, padding, dilation):

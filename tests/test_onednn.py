@@ -1,0 +1,198 @@
+"""ssd_jax.onednn: oneDNN's convolutions are lax's, values and both gradients, for any
+geometry, on one device or split over several; the model's convolutions take them when they
+are available; a failed build says why and leaves XLA's convolutions in place."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ssd_jax import onednn, platform
+
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+
+
+def lax_conv(x, kernel, strides, padding, dilation):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+def value_and_gradients(conv, x, kernel):
+    """The convolution, and the gradients of a non-linear loss of it (every output gets its
+    own gradient)."""
+    loss = lambda x, kernel: jnp.sin(conv(x, kernel)).sum()
+    return (jax.jit(conv)(x, kernel), *jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel))
+
+
+def assert_close(got, expected):
+    # float32 sums in another order: compared to the size of the largest value.
+    for ours, lax in zip(got, expected):
+        assert ours.shape == lax.shape
+        np.testing.assert_allclose(ours, lax, atol=2e-5 * max(1.0, float(np.abs(lax).max())),
+                                   rtol=1e-4)
+
+
+@st.composite
+def geometries(draw):
+    """A convolution's shapes, strides, padding (either side, zero included) and dilation,
+    with at least one output pixel: the border cases (a kernel reaching past the map, more
+    padding than map, strides that skip the last rows) come up often among small sizes."""
+    kernel = draw(st.tuples(st.integers(1, 5), st.integers(1, 5)))
+    dilation = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    strides = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    padding = draw(st.tuples(*[st.tuples(st.integers(0, 3), st.integers(0, 3))] * 2))
+    reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    size = [draw(st.integers(max(1, r - sum(p)), 12)) for r, p in zip(reach, padding)]
+    batch, channels_in, channels_out = (draw(st.integers(1, n)) for n in (3, 6, 6))
+    return ((batch, *size, channels_in), (*kernel, channels_in, channels_out), strides, padding,
+            dilation)
+
+
+@needs_onednn
+@settings(max_examples=40)
+@given(geometries(), st.integers(0, 2**31 - 1))
+def test_values_and_gradients_are_lax_convolutions(geometry, seed):
+    x_shape, kernel_shape, strides, padding, dilation = geometry
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape, np.float32))
+    got = value_and_gradients(lambda x, k: onednn.conv(x, k, strides, padding, dilation, 2),
+                              x, kernel)
+    assert_close(got, value_and_gradients(
+        lambda x, k: lax_conv(x, k, strides, padding, dilation), x, kernel))
+
+
+@needs_onednn
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_thread_count_gives_the_same_convolution(threads):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 19, 19, 32), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 32, 48), np.float32))
+    got = value_and_gradients(
+        lambda x, k: onednn.conv(x, k, (1, 1), [(1, 1)] * 2, (1, 1), threads), x, kernel)
+    assert_close(got, value_and_gradients(
+        lambda x, k: lax_conv(x, k, (1, 1), [(1, 1)] * 2, (1, 1)), x, kernel))
+
+
+@needs_onednn
+def test_a_batch_split_over_devices_stays_split_and_the_kernel_gradient_is_summed():
+    from jax.sharding import NamedSharding, PartitionSpec
+    from ssd_jax.sharding import data_mesh
+    mesh = data_mesh()
+    assert mesh.size == 8, "conftest sets 8 host devices"
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((16, 10, 10, 3), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4), np.float32))
+    conv = lambda x, k: onednn.conv(x, k, (2, 1), [(1, 1), (0, 2)], (1, 1), 1)
+    loss = lambda x, k: jnp.sin(conv(x, k)).sum()
+    gradients = jax.jit(jax.grad(loss, argnums=(0, 1)),
+                        in_shardings=(NamedSharding(mesh, PartitionSpec("data")),
+                                      NamedSharding(mesh, PartitionSpec())))
+    hlo = gradients.lower(x, kernel).compile().as_text()
+    assert "all-gather" not in hlo
+    # Each device convolves its own 2 images; the kernel gradient's parts are summed.
+    assert "f32[2,10,10,3]" in hlo and "all-reduce" in hlo
+    x_gradient, kernel_gradient = gradients(x, kernel)
+    assert x_gradient.sharding.spec == PartitionSpec("data")
+    expected = jax.grad(lambda x, k: jnp.sin(lax_conv(x, k, (2, 1), [(1, 1), (0, 2)], (1, 1))
+                                             ).sum(), argnums=(0, 1))(x, kernel)
+    assert_close((x_gradient, kernel_gradient), expected)
+
+
+@needs_onednn
+def test_vmapped_convolutions_are_each_lax_convolution():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 4), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5), np.float32))
+    for kernel_axis in (0, None):  # a kernel per element, and one kernel for all
+        ours, lax = (jax.vmap(lambda x, k: value_and_gradients(
+            lambda x, k: conv(x, k, (1, 1), [(1, 1)] * 2, (1, 1)), x, k),
+            in_axes=(0, kernel_axis))(x, kernel if kernel_axis == 0 else kernel[0])
+            for conv in (lambda *a: onednn.conv(*a, 2), lax_conv))
+        assert_close(ours, lax)
+
+
+@needs_onednn
+@pytest.mark.parametrize("padding", ["SAME", "VALID", [(2, 0), (0, 1)]])
+def test_the_models_float32_convolutions_go_to_onednn(padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 9, 10, 3), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4), np.float32))
+    conv = lambda x, k: platform.conv_general_dilated(
+        x, k, (2, 2), padding, rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert "ssd_jax_conv_forward" in jax.jit(conv).lower(x, kernel).as_text()
+    expected = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (2, 2), padding, rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+    assert_close(value_and_gradients(conv, x, kernel), value_and_gradients(expected, x, kernel))
+
+
+@needs_onednn
+def test_other_convolutions_stay_with_lax():
+    spec = ("NHWC", "HWIO", "NHWC")
+    x = jnp.ones((1, 8, 8, 4))
+    bfloat16 = lambda x: platform.conv_general_dilated(
+        x.astype(jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16), (1, 1), [(1, 1)] * 2,
+        dimension_numbers=spec)
+    grouped = lambda x: platform.conv_general_dilated(
+        x, jnp.ones((3, 3, 2, 4)), (1, 1), [(1, 1)] * 2, dimension_numbers=spec,
+        feature_group_count=2)
+    input_dilated = lambda x: platform.conv_general_dilated(
+        x, jnp.ones((3, 3, 4, 4)), (1, 1), [(1, 1)] * 2, lhs_dilation=(2, 2),
+        dimension_numbers=spec)
+    for fn in (bfloat16, grouped, input_dilated):
+        assert "ssd_jax_conv" not in jax.jit(fn).lower(x).as_text()
+
+
+def build_in_a_fresh_process(tmp_path, **environment):
+    """`onednn.unavailable_reason()` in a new process with `environment` set."""
+    script = "from ssd_jax import onednn; print(onednn.unavailable_reason())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "SSD_JAX_CACHE": str(tmp_path), **environment},
+                            check=True)
+    return result.stdout.strip()
+
+
+def test_a_missing_compiler_is_named_and_xla_keeps_the_convolutions(tmp_path):
+    reason = build_in_a_fresh_process(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert "no-such-compiler" in reason and "CXX" in reason
+    script = ("import jax, jax.numpy as jnp; from ssd_jax import platform; "
+              "x = jnp.ones((1, 5, 5, 2)); k = jnp.ones((3, 3, 2, 3)); "
+              "print('ssd_jax_conv' in jax.jit(lambda x: platform.conv_general_dilated(x, k, "
+              "(1, 1), [(1, 1)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).lower(x)"
+              ".as_text())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "SSD_JAX_CACHE": str(tmp_path),
+                                 "CXX": str(tmp_path / "no-such-compiler")}, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
+    broken = tmp_path / "onednn_conv.cc"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(onednn, "SOURCE", broken)
+    monkeypatch.setenv("SSD_JAX_CACHE", str(tmp_path / "cache"))
+    if "headers" in str(onednn.unavailable_reason() or ""):
+        pytest.skip("no oneDNN headers here: the build is never tried")
+    with pytest.raises(onednn.OneDnnUnavailable, match="building onednn_conv.cc failed"):
+        onednn._build()
+    assert not list((tmp_path / "cache").glob("*.so")), "nothing half-built is left to load"
+
+
+def test_ssd_jax_onednn_0_turns_the_path_off(tmp_path):
+    assert build_in_a_fresh_process(tmp_path, SSD_JAX_ONEDNN="0") == "SSD_JAX_ONEDNN=0"
+
+
+@needs_onednn
+def test_calling_it_where_it_is_unavailable_says_why(monkeypatch):
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no oneDNN in this test")
+    with pytest.raises(onednn.OneDnnUnavailable, match="no oneDNN in this test"):
+        onednn.conv(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), (1, 1), [(1, 1)] * 2,
+                    (1, 1), 1)
