@@ -127,6 +127,9 @@ class ModelConfig:
       dtype: compute dtype, "float32" or "bfloat16". Parameters are always float32
         and outputs are returned as float32.
       pixel_mean, pixel_std: RGB statistics on the 0..255 scale used to normalize inputs.
+      cpu_convolutions: how the convolutions run on a CPU (`platform.CPU_CONVOLUTIONS`):
+        "onednn", oneDNN's where it is installed (`ssd_jax.onednn`), else XLA's; "xla",
+        XLA's always. The same network either way, up to float32 rounding.
     """
 
     name: str
@@ -139,12 +142,16 @@ class ModelConfig:
     dtype: str = "float32"
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
+    cpu_convolutions: str = "onednn"
 
     def __post_init__(self):
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (object classes), got {self.num_classes}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.cpu_convolutions not in platform.CPU_CONVOLUTIONS:
+            raise ValueError(f"cpu_convolutions must be one of {platform.CPU_CONVOLUTIONS}, got "
+                             f"{self.cpu_convolutions!r}")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
             raise ValueError("pixel_mean and pixel_std need 3 (RGB) values, std > 0, "
                              f"got {self.pixel_mean}, {self.pixel_std}")
@@ -369,14 +376,15 @@ def _weight_draw(compiler_options: tuple):
 
 def _conv(config: ModelConfig, in_features: int, layer: Conv, rngs: nnx.Rngs) -> nnx.Conv:
     """The nnx.Conv of `layer`: Xavier-uniform kernel and zero bias as in ssd.pytorch,
-    float32 parameters, computing in config.dtype (its kernel gradient, on a CPU, as
-    `platform.conv_general_dilated` computes it)."""
+    float32 parameters, computing in config.dtype (on a CPU, by oneDNN or by XLA with its own
+    kernel gradient, as config.cpu_convolutions says: `platform.conv_general_dilated`)."""
     return nnx.Conv(
         in_features, layer.features, (layer.kernel,) * 2, strides=layer.stride,
         padding=[(layer.padding, layer.padding)] * 2, kernel_dilation=layer.dilation,
         dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
         kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros,
-        conv_general_dilated=platform.conv_general_dilated, rngs=rngs)
+        conv_general_dilated=(platform.conv_general_dilated if config.cpu_convolutions == "onednn"
+                              else platform.xla_conv_general_dilated), rngs=rngs)
 
 
 def _tiled_max_pool(x: jax.Array, window: int, extra: int) -> jax.Array:

@@ -3,7 +3,8 @@
 `configure_host_allocator` runs when `ssd_jax` is imported, before JAX starts its threads;
 `use_every_core` is called by experiments.train_voc before JAX starts its backends, for the
 runs that ask for it (`TrainConfig.cpu_device_per_core`: the shapes preset);
-`conv_general_dilated` is the model's convolution, with a CPU-only kernel gradient (and
+`conv_general_dilated` is the model's convolution: oneDNN's on a CPU where it is available
+(`ssd_jax.onednn`), else `xla_conv_general_dilated`, XLA's with a CPU-only kernel gradient (and
 dilated convolutions as products);
 `compiler_options` are the XLA options of the project's jitted functions (a CPU scheduler;
 for inference, how convolutions are handed to YNNPACK), `run_once_compiler_options` those of
@@ -171,8 +172,37 @@ def run_once_compiler_options() -> dict:
     return _unless_in_xla_flags(CPU_RUN_ONCE_OPTIONS)
 
 
+# How a model's convolutions run on a CPU (`ModelConfig.cpu_convolutions`): "onednn", oneDNN's
+# where it is available (`onednn.available()`), else XLA's; "xla", XLA's always.
+CPU_CONVOLUTIONS = ("onednn", "xla")
+
+
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
+    """`jax.lax.conv_general_dilated`; on a CPU, oneDNN's convolution (`onednn.conv`) for the
+    float32 NHWC convolutions of a model where oneDNN is available, else
+    `xla_conv_general_dilated`'s.
+
+    Why: oneDNN's convolutions, the ones torchvision runs on, are faster on a CPU than XLA's
+    (docs/cpu_speed.md, "oneDNN convolutions").
+    """
+    spec = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    if (jax.default_backend() == "cpu" and not kwargs.get("preferred_element_type")
+            and _onednn_takes(x, kernel, spec, dimension_numbers, lhs_dilation,
+                              feature_group_count)):
+        dilation = tuple(rhs_dilation or (1, 1))
+        if isinstance(padding, str):
+            reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel.shape[:2])]
+            padding = jax.lax.padtype_to_pads(x.shape[1:3], reach, window_strides, padding)
+        return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads())
+    return xla_conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    **kwargs)
+
+
+def xla_conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                             **kwargs):
     """`jax.lax.conv_general_dilated`, with the kernel's gradient computed as matrix
     products on a CPU for the convolutions that keep the map's size.
 
@@ -196,12 +226,6 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
                   == [(d * (k - 1) // 2,) * 2 for d, k in zip(dilation, kernel.shape[:2])]
                   and all(k % 2 for k in kernel.shape[:2]))
     on_cpu = jax.default_backend() == "cpu" and not kwargs.get("preferred_element_type")
-    if on_cpu and _onednn_takes(x, kernel, spec, dimension_numbers, lhs_dilation,
-                                feature_group_count):
-        padding = (jax.lax.padtype_to_pads(x.shape[1:3], [d * (k - 1) + 1 for d, k in zip(
-            dilation, kernel.shape[:2])], window_strides, padding)
-                   if isinstance(padding, str) else padding)
-        return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads())
     if on_cpu and keeps_size and dilation != (1, 1):
         return _conv_as_tap_products(x, kernel, dilation, kwargs.get("precision"))
     if not (on_cpu and keeps_size and matmuls_pay(x.shape, kernel.shape)):

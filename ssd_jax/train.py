@@ -98,6 +98,10 @@ class TrainConfig:
     # pays for small models (ssd_mini, whose convolutions XLA runs on one core each), not
     # for SSD300, whose convolutions use every core anyway (BENCHMARKS.md).
     cpu_device_per_core: bool = False
+    # How the model's convolutions run on a CPU: oneDNN's where it is installed, else XLA's
+    # ("onednn"), or XLA's always ("xla"); ModelConfig.cpu_convolutions.
+    cpu_convolutions: str = dataclasses.field(default="onednn",
+                                              metadata={"choices": platform.CPU_CONVOLUTIONS})
     train_examples: int = 0
     eval_examples: int = 0
 
@@ -111,6 +115,7 @@ class TrainConfig:
         require_choice(self, "dtype", DTYPES)
         require_choice(self, "optimizer", OPTIMIZERS)
         require_choice(self, "matching", RULES)
+        require_choice(self, "cpu_convolutions", platform.CPU_CONVOLUTIONS)
         for field in ("batch_size", "max_boxes", "num_steps", "log_every", "checkpoint_every",
                       "keep_checkpoints"):
             require_int(self, field, 1)
@@ -264,7 +269,8 @@ def model_config(config: TrainConfig, num_classes: int, **overrides) -> ModelCon
         overrides.update(backbone_pixel_stats(config.backbone_weights))
     if config.init_from and "pixel_mean" not in overrides:
         overrides.update(checkpoint_pixel_stats(config.init_from))
-    return get_config(config.model, num_classes=num_classes, dtype=config.dtype, **overrides)
+    return get_config(config.model, num_classes=num_classes, dtype=config.dtype,
+                      cpu_convolutions=config.cpu_convolutions, **overrides)
 
 
 def build_model(config: TrainConfig, num_classes: int, **overrides) -> SSD:
@@ -338,7 +344,7 @@ def _check_finite_steps(host_metrics: list[dict]) -> None:
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "learning_rate", "warmup_steps", "decay_steps", "decay_factor", "workdir",
     "data_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "num_workers",
-    "eval_examples", "cpu_device_per_core"})
+    "eval_examples", "cpu_device_per_core", "cpu_convolutions"})
 
 
 class RunMismatchError(ValueError):

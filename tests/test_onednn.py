@@ -48,7 +48,8 @@ def geometries(draw):
     strides = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
     padding = draw(st.tuples(*[st.tuples(st.integers(0, 3), st.integers(0, 3))] * 2))
     reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
-    size = [draw(st.integers(max(1, r - sum(p)), 12)) for r, p in zip(reach, padding)]
+    smallest = [max(1, r - sum(p)) for r, p in zip(reach, padding)]
+    size = [draw(st.integers(low, max(low, 12))) for low in smallest]
     batch, channels_in, channels_out = (draw(st.integers(1, n)) for n in (3, 6, 6))
     return ((batch, *size, channels_in), (*kernel, channels_in, channels_out), strides, padding,
             dilation)
@@ -196,3 +197,27 @@ def test_calling_it_where_it_is_unavailable_says_why(monkeypatch):
     with pytest.raises(onednn.OneDnnUnavailable, match="no oneDNN in this test"):
         onednn.conv(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), (1, 1), [(1, 1)] * 2,
                     (1, 1), 1)
+
+
+@needs_onednn
+def test_a_model_runs_its_convolutions_as_its_config_says():
+    from flax import nnx
+    from ssd_jax.model import create_ssd, get_config
+    images = jnp.zeros((1, 64, 64, 3))
+    programs = {}
+    for choice in ("onednn", "xla"):
+        model = create_ssd(get_config("ssd_mini", image_size=64, cpu_convolutions=choice))
+        programs[choice] = jax.jit(lambda images: model(images)).lower(images).as_text()
+    convolutions = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Conv)]
+    assert programs["onednn"].count("ssd_jax_conv_forward") == len(convolutions) == 22
+    assert "ssd_jax_conv" not in programs["xla"]
+
+
+def test_an_unknown_cpu_convolutions_is_refused_by_name():
+    from ssd_jax.flags import ConfigError
+    from ssd_jax.model import get_config
+    from ssd_jax.train import TrainConfig
+    with pytest.raises(ValueError, match="cpu_convolutions must be one of"):
+        get_config("ssd_mini", cpu_convolutions="mkl")
+    with pytest.raises(ConfigError, match="cpu_convolutions"):
+        TrainConfig(cpu_convolutions="mkl")
