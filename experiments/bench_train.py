@@ -15,8 +15,8 @@ Measures on one synthetic batch (`ssd_jax.data.shapes` images at the model's inp
 Images/s are steady state: each function is lowered and compiled once (that time is the
 "compile s" column), called once more to warm up, then timed over `--repeats` calls
 (median), alternating with the peer's calls below. GFLOP/image is XLA's cost analysis
-of the function divided by its batch (traced with XLA's own convolutions: the analysis sees
-nothing inside oneDNN's FFI calls, `ssd_jax.onednn`); on a GPU, `--peak-tflops` (the card's
+of the same function with XLA's own convolutions (the analysis sees nothing inside oneDNN's
+FFI calls, `ssd_jax.onednn`) divided by its batch; on a GPU, `--peak-tflops` (the card's
 dense peak for the dtype) adds the fraction of it reached.
 
 Peer, when torch and torchvision are importable (never a dependency of this project)
@@ -47,6 +47,7 @@ import numpy as np
 
 from experiments.benchlib import cpu_threads, machine_info, print_table, time_fn
 from ssd_jax import onednn
+from ssd_jax.platform import CPU_CONVOLUTIONS
 from ssd_jax.data.pipeline import pad_targets
 from ssd_jax.data.shapes import ShapesDataset
 from ssd_jax.inference import make_predict_fn
@@ -84,14 +85,16 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
 
 
 def run(model: str = "ssd300", batch_size: int = 8, repeats: int = 3, dtype: str = "float32",
-        peak_tflops: float | None = None) -> tuple[list[dict], list[str]]:
+        peak_tflops: float | None = None, cpu_convolutions: str = "onednn",
+        ) -> tuple[list[dict], list[str]]:
     """Measures inference (batch 1 and `batch_size`) and the train step: a table row each,
     and lines describing the workload and the threads.
 
     Where torchvision is there, its calls alternate with ours, so that a change in the
     load of a shared machine hits both columns alike.
     """
-    config = TrainConfig(model=model, batch_size=batch_size, dtype=dtype, max_boxes=MAX_BOXES)
+    config = TrainConfig(model=model, batch_size=batch_size, dtype=dtype, max_boxes=MAX_BOXES,
+                         cpu_convolutions=cpu_convolutions)
     image_size = model_config(config, NUM_CLASSES).priors.image_size
     batch = synthetic_batch(batch_size, image_size)
     peers = torch_subjects(batch) if torch is not None and model == "ssd300" else {}
@@ -108,7 +111,7 @@ def run(model: str = "ssd300", batch_size: int = 8, repeats: int = 3, dtype: str
     notes = [f"{model}, {dtype}: one batch of {batch_size} synthetic shapes images "
              f"{image_size}x{image_size}, ground truth padded to {MAX_BOXES} slots, "
              f"{NUM_CLASSES} classes (+ background); median of {repeats} timed calls each.",
-             threads_line()]
+             threads_line(), convolutions_line(cpu_convolutions)]
     return rows, notes
 
 
@@ -124,11 +127,11 @@ def jax_subjects(config: TrainConfig, batch: dict):
     mesh = data_mesh()
     graphdef, state, train_step = init_training(config, NUM_CLASSES, mesh)
     predict = make_predict_fn(graphdef, model_config(config, NUM_CLASSES))
+    counted = _with_xla_convolutions(config, mesh)
     for key, images in ("infer_1", batch["image"][:1]), ("infer_b", batch["image"]):
         compiled, compile_s = _compile(predict, state.params, state.rest, images)
         yield key, _warm(functools.partial(compiled, state.params, state.rest, images),
-                         len(images), _xla_flops(predict, state.params, state.rest, images),
-                         compile_s)
+                         len(images), _xla_flops(counted["predict"], images), compile_s)
 
     batch = shard_batch(batch, mesh)
     compiled, compile_s = _compile(train_step, state, batch)
@@ -138,8 +141,19 @@ def jax_subjects(config: TrainConfig, batch: dict):
         state, metrics = compiled(state, batch)
         return state, metrics
 
-    flops = _xla_flops(train_step, state, batch)
-    yield "train", _warm(step, len(batch["image"]), flops, compile_s)
+    yield "train", _warm(step, len(batch["image"]), _xla_flops(counted["train"], batch),
+                         compile_s)
+
+
+def _with_xla_convolutions(config: TrainConfig, mesh) -> dict:
+    """The same predict and train step with XLA's own convolutions, for XLA's count of their
+    floating-point operations (its cost analysis sees nothing inside oneDNN's FFI calls):
+    {"predict": fn(images), "train": fn(batch)}, each returning the lowered function."""
+    config = dataclasses.replace(config, cpu_convolutions="xla")
+    graphdef, state, train_step = init_training(config, NUM_CLASSES, mesh)
+    predict = make_predict_fn(graphdef, model_config(config, NUM_CLASSES))
+    return {"predict": lambda images: predict.lower(state.params, state.rest, images),
+            "train": lambda batch: train_step.lower(state, batch)}
 
 
 def _compile(jitted, *args):
@@ -148,12 +162,8 @@ def _compile(jitted, *args):
     return compiled, time.perf_counter() - start
 
 
-def _xla_flops(jitted, *args) -> float:
-    """XLA's count of the floating-point operations of `jitted(*args)`, traced afresh with
-    XLA's own convolutions: its cost analysis sees nothing inside oneDNN's FFI calls."""
-    with onednn.turned_off():
-        lowered = jax.jit(lambda *args: jitted(*args)).lower(*args)
-    return float(lowered.cost_analysis()["flops"])
+def _xla_flops(lower, *args) -> float:
+    return float(lower(*args).cost_analysis()["flops"])
 
 
 def _warm(call, images, flops, compile_s) -> Subject:
@@ -228,6 +238,15 @@ def threads_line() -> str:
     return f"Threads: XLA CPU pool {cpu_threads()}, torch {torch_threads}"
 
 
+def convolutions_line(cpu_convolutions: str) -> str:
+    if jax.devices()[0].platform != "cpu":
+        return "Convolutions: XLA's (not a CPU)"
+    if cpu_convolutions == "xla" or not onednn.available():
+        why = "" if cpu_convolutions == "xla" else f" (oneDNN: {onednn.unavailable_reason()})"
+        return f"Convolutions: XLA's{why}"
+    return f"Convolutions: oneDNN's ({cpu_convolutions})"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,9 +256,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's peak TFLOP/s for --dtype: adds a %% of peak column")
+    parser.add_argument("--cpu-convolutions", default="onednn", choices=sorted(CPU_CONVOLUTIONS),
+                        help="how our convolutions run on a CPU (ModelConfig.cpu_convolutions)")
     args = parser.parse_args(argv)
 
-    rows, notes = run(args.model, args.batch_size, args.repeats, args.dtype, args.peak_tflops)
+    rows, notes = run(args.model, args.batch_size, args.repeats, args.dtype, args.peak_tflops,
+                      args.cpu_convolutions)
     print(machine_info())
     print()
     print_table(rows)

@@ -128,8 +128,9 @@ class ModelConfig:
         and outputs are returned as float32.
       pixel_mean, pixel_std: RGB statistics on the 0..255 scale used to normalize inputs.
       cpu_convolutions: how the convolutions run on a CPU (`platform.CPU_CONVOLUTIONS`):
-        "onednn", oneDNN's where it is installed (`ssd_jax.onednn`), else XLA's; "xla",
-        XLA's always. The same network either way, up to float32 rounding.
+        "onednn", oneDNN's where it is installed (`ssd_jax.onednn`), else XLA's;
+        "onednn_winograd", the same with oneDNN's Winograd algorithm for the 3x3 convolutions;
+        "xla", XLA's always. The same network each way, up to float32 rounding.
     """
 
     name: str
@@ -150,8 +151,8 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.cpu_convolutions not in platform.CPU_CONVOLUTIONS:
-            raise ValueError(f"cpu_convolutions must be one of {platform.CPU_CONVOLUTIONS}, got "
-                             f"{self.cpu_convolutions!r}")
+            raise ValueError("cpu_convolutions must be one of "
+                             f"{sorted(platform.CPU_CONVOLUTIONS)}, got {self.cpu_convolutions!r}")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
             raise ValueError("pixel_mean and pixel_std need 3 (RGB) values, std > 0, "
                              f"got {self.pixel_mean}, {self.pixel_std}")
@@ -383,8 +384,7 @@ def _conv(config: ModelConfig, in_features: int, layer: Conv, rngs: nnx.Rngs) ->
         padding=[(layer.padding, layer.padding)] * 2, kernel_dilation=layer.dilation,
         dtype=DTYPES[config.dtype], param_dtype=jnp.float32,
         kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros,
-        conv_general_dilated=(platform.conv_general_dilated if config.cpu_convolutions == "onednn"
-                              else platform.xla_conv_general_dilated), rngs=rngs)
+        conv_general_dilated=platform.CPU_CONVOLUTIONS[config.cpu_convolutions], rngs=rngs)
 
 
 def _tiled_max_pool(x: jax.Array, window: int, extra: int) -> jax.Array:

@@ -119,21 +119,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SSD_JAX_CACHE", default))
 
 
-def conv(x, kernel, strides, padding, dilation, threads):
+def conv(x, kernel, strides, padding, dilation, threads, winograd=False):
     """NHWC `x` [N, H, W, I] convolved with HWIO `kernel` [kh, kw, I, O], float32, by oneDNN,
     differentiable in both. `strides` and `dilation` are pairs, `padding` two (low, high)
     pairs of zeros around the map, `threads` the cores one call may use. The same result,
     up to float32 rounding, as `lax.conv_general_dilated(x, kernel, strides, padding,
-    rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))`."""
+    rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))`. With `winograd`,
+    oneDNN's Winograd F(4x4, 3x3) algorithm for the 3x3 stride-1 undilated convolutions it
+    takes: fewer multiplications, larger rounding errors (docs/cpu_speed.md)."""
     if not available():
         raise OneDnnUnavailable(unavailable_reason())
     geometry = (tuple(strides), tuple(tuple(pair) for pair in padding), tuple(dilation),
-                int(threads))
+                int(threads), bool(winograd))
     return _conv(x, kernel, geometry)
 
 
 def _output_shape(x_shape, kernel_shape, geometry):
-    strides, padding, dilation, _ = geometry
+    strides, padding, dilation, _, _ = geometry
     spatial = [(size + low + high - d * (k - 1) - 1) // s + 1
                for size, (low, high), d, k, s in zip(x_shape[1:3], padding, dilation,
                                                      kernel_shape[:2], strides)]
@@ -142,13 +144,13 @@ def _output_shape(x_shape, kernel_shape, geometry):
 
 def _call(name, first, second, out_shape, geometry):
     """The FFI call `name` on this device's arrays."""
-    strides, padding, dilation, threads = geometry
+    strides, padding, dilation, threads, winograd = geometry
     as_array = functools.partial(np.array, dtype=np.int64)
     return jax.ffi.ffi_call(f"ssd_jax_conv_{name}", jax.ShapeDtypeStruct(out_shape, jnp.float32),
                             vmap_method="sequential")(
         first, second, strides=as_array(strides), padding_low=as_array([p[0] for p in padding]),
         padding_high=as_array([p[1] for p in padding]), dilation=as_array(dilation),
-        threads=np.int64(threads))
+        threads=np.int64(threads), winograd=bool(winograd))
 
 
 # XLA's SPMD partitioner knows nothing of an FFI call: it would gather a batch split over

@@ -11,12 +11,14 @@
 //
 // Attributes, each an int64 array of the two spatial axes: strides; padding_low and
 // padding_high (zeros added before and after); dilation (1 = none). `threads`: the cores one
-// call may use (oneDNN's OpenMP team; fewer when XLA runs one device per core).
+// call may use (oneDNN's OpenMP team; fewer when XLA runs one device per core). `winograd`:
+// oneDNN's Winograd F(4x4, 3x3) convolution where it applies (3x3, stride 1, undilated),
+// about 2.7x faster and less exact than the direct one (docs/cpu_speed.md).
 
 #include <omp.h>
 
 #include <cstdint>
-#include <functional>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -34,25 +36,27 @@ namespace {
 
 struct Geometry {
   memory::dims x, kernel, y, strides, dilation, padding_low, padding_high;
+  bool winograd;
 };
 
 // oneDNN counts dimensions as N, C, H, W whatever the layout, and dilation from 0.
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
                       ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> padding_low, ffi::Span<const int64_t> padding_high,
-                      ffi::Span<const int64_t> dilation) {
+                      ffi::Span<const int64_t> dilation, bool winograd) {
   return {{x[0], x[3], x[1], x[2]},
           {kernel[3], kernel[2], kernel[0], kernel[1]},
           {y[0], y[3], y[1], y[2]},
           {strides[0], strides[1]},
           {dilation[0] - 1, dilation[1] - 1},
           {padding_low[0], padding_low[1]},
-          {padding_high[0], padding_high[1]}};
+          {padding_high[0], padding_high[1]},
+          winograd};
 }
 
-std::string Key(const char* kind, const Geometry& g, int64_t threads) {
+std::string Key(int kind, const Geometry& g, int64_t threads) {
   std::ostringstream key;
-  key << kind << threads;
+  key << kind << threads << g.winograd;
   for (const auto* dims : {&g.x, &g.kernel, &g.y, &g.strides, &g.dilation, &g.padding_low,
                            &g.padding_high})
     for (auto d : *dims) key << ',' << d;
@@ -76,165 +80,160 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
+// What a call computes, with the oneDNN arguments of its two operands and of its result.
+enum Kind { kForward, kInputGradient, kKernelGradient };
+constexpr int kArguments[3][3] = {
+    {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},
+    {DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC},
+    {DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS}};
+
+// The direct convolution runs on the arrays' own layouts. Winograd's wants oneDNN's blocked
+// layouts for the maps too (the maps are reordered into and out of them at each call).
+memory::desc MapLayout(const memory::dims& dims, dnnl::algorithm algorithm) {
+  return algorithm == dnnl::algorithm::convolution_winograd ? Any(dims) : Plain(dims, tag::nhwc);
+}
+
 // The forward description, which the backward primitives also take as a hint.
-dnnl::convolution_forward::primitive_desc ForwardDescription(const Geometry& g) {
+dnnl::convolution_forward::primitive_desc ForwardDescription(const Geometry& g,
+                                                             dnnl::algorithm algorithm) {
   dnnl::convolution_forward::desc description(
-      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Plain(g.x, tag::nhwc), Any(g.kernel), Plain(g.y, tag::nhwc), g.strides, g.dilation,
-      g.padding_low, g.padding_high);
+      dnnl::prop_kind::forward_training, algorithm, MapLayout(g.x, algorithm), Any(g.kernel),
+      MapLayout(g.y, algorithm), g.strides, g.dilation, g.padding_low, g.padding_high);
   return {description, UserScratchpad(), Engine()};
 }
 
-// A primitive with its description, built once per geometry and thread count (building one
-// takes milliseconds; a train step calls each of them once).
+// A primitive with its description.
 struct Cached {
   dnnl::primitive primitive;
   dnnl::primitive_desc_base description;
 };
 
-template <typename Build>
-const Cached& Lookup(const std::string& key, Build build) {
+Cached Build(Kind kind, const Geometry& g, dnnl::algorithm algorithm) {
+  const auto forward = ForwardDescription(g, algorithm);
+  const auto x = MapLayout(g.x, algorithm), y = MapLayout(g.y, algorithm);
+  if (kind == kForward) return {dnnl::convolution_forward(forward), forward};
+  if (kind == kInputGradient) {
+    dnnl::convolution_backward_data::primitive_desc description(
+        {algorithm, x, Any(g.kernel), y, g.strides, g.dilation, g.padding_low, g.padding_high},
+        UserScratchpad(), Engine(), forward);
+    return {dnnl::convolution_backward_data(description), description};
+  }
+  dnnl::convolution_backward_weights::primitive_desc description(
+      {algorithm, x, Any(g.kernel), y, g.strides, g.dilation, g.padding_low, g.padding_high},
+      UserScratchpad(), Engine(), forward);
+  return {dnnl::convolution_backward_weights(description), description};
+}
+
+// Winograd's takes 3x3 stride-1 undilated convolutions, and not every channel count: the
+// others get the direct convolution.
+Cached BuildPreferred(Kind kind, const Geometry& g) {
+  if (g.winograd) {
+    try {
+      return Build(kind, g, dnnl::algorithm::convolution_winograd);
+    } catch (const dnnl::error&) {
+    }
+  }
+  return Build(kind, g, dnnl::algorithm::convolution_direct);
+}
+
+// Built once per geometry and thread count (building takes milliseconds; a train step calls
+// each primitive once).
+const Cached& Lookup(Kind kind, const Geometry& g, int64_t threads) {
   static std::mutex mutex;
   static std::unordered_map<std::string, Cached> cache;
+  const std::string key = Key(kind, g, threads);
   std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(key);
-  if (found == cache.end()) found = cache.emplace(key, build()).first;
+  if (found == cache.end()) found = cache.emplace(key, BuildPreferred(kind, g)).first;
   return found->second;
 }
 
-// Memory for a call's reordered kernels and oneDNN's scratchpad, kept per calling thread.
+// Memory for a call's reordered arrays and oneDNN's scratchpad, kept per calling thread,
+// aligned to 64 bytes (oneDNN's Winograd kernels read their scratchpad with aligned loads).
 void* ThreadBuffer(int which, size_t bytes) {
-  thread_local std::vector<char> buffers[3];
-  if (buffers[which].size() < bytes) buffers[which].resize(bytes);
-  return buffers[which].data();
+  constexpr size_t kAlignment = 64;
+  thread_local std::vector<char> buffers[4];
+  if (buffers[which].size() < bytes + kAlignment) buffers[which].resize(bytes + kAlignment);
+  void* start = buffers[which].data();
+  size_t space = buffers[which].size();
+  return std::align(kAlignment, bytes, start, space);
 }
 
-// `user` in `wanted`'s layout: itself when the two agree, else a reordered copy.
-memory InLayout(const memory& user, const memory::desc& wanted, dnnl::stream& stream) {
-  if (user.get_desc() == wanted) return user;
-  memory copy(wanted, Engine(), ThreadBuffer(0, wanted.get_size()));
-  dnnl::reorder(user, copy).execute(stream, const_cast<memory&>(user), copy);
-  return copy;
+// An argument's array as XLA holds it: maps NHWC, kernels HWIO.
+memory UserMemory(int argument, const Geometry& g, void* data) {
+  switch (argument) {
+    case DNNL_ARG_SRC:
+    case DNNL_ARG_DIFF_SRC:
+      return memory(Plain(g.x, tag::nhwc), Engine(), data);
+    case DNNL_ARG_DST:
+    case DNNL_ARG_DIFF_DST:
+      return memory(Plain(g.y, tag::nhwc), Engine(), data);
+    default:
+      return memory(Plain(g.kernel, tag::hwio), Engine(), data);
+  }
 }
 
-memory Scratchpad(const dnnl::primitive_desc_base& description) {
-  const auto desc = description.scratchpad_desc();
-  return memory(desc, Engine(), ThreadBuffer(1, desc.get_size()));
+// out = the `kind` convolution of `first` and `second`, each array reordered into (or, for
+// the result, out of) the layout the primitive picked, where that is not XLA's.
+void Convolve(Kind kind, const Geometry& g, int64_t threads, const float* first,
+              const float* second, float* out) {
+  omp_set_num_threads(static_cast<int>(threads));
+  const Cached& cached = Lookup(kind, g, threads);
+  dnnl::stream stream(Engine());
+  std::unordered_map<int, memory> arguments;
+  const float* operands[2] = {first, second};
+  for (int i = 0; i < 2; ++i) {
+    const int argument = kArguments[kind][i];
+    memory user = UserMemory(argument, g, const_cast<float*>(operands[i]));
+    const auto wanted = cached.description.query_md(dnnl::query::exec_arg_md, argument);
+    if (user.get_desc() == wanted) {
+      arguments.emplace(argument, user);
+      continue;
+    }
+    memory copy(wanted, Engine(), ThreadBuffer(i, wanted.get_size()));
+    dnnl::reorder(user, copy).execute(stream, user, copy);
+    arguments.emplace(argument, copy);
+  }
+  const int result_argument = kArguments[kind][2];
+  memory user_result = UserMemory(result_argument, g, out);
+  const auto wanted = cached.description.query_md(dnnl::query::exec_arg_md, result_argument);
+  memory result = user_result.get_desc() == wanted
+                      ? user_result
+                      : memory(wanted, Engine(), ThreadBuffer(2, wanted.get_size()));
+  arguments.emplace(result_argument, result);
+  const auto scratchpad = cached.description.scratchpad_desc();
+  arguments.emplace(DNNL_ARG_SCRATCHPAD,
+                    memory(scratchpad, Engine(), ThreadBuffer(3, scratchpad.get_size())));
+  cached.primitive.execute(stream, arguments);
+  if (result != user_result) dnnl::reorder(result, user_result).execute(stream, result,
+                                                                        user_result);
+  stream.wait();
 }
 
-ffi::Error Run(const std::function<void()>& body) {
+// One handler per kind: two float32 operands, one float32 result (the attributes above).
+template <Kind kind>
+ffi::Error Handler(ffi::Buffer<ffi::F32> first, ffi::Buffer<ffi::F32> second,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding_low, ffi::Span<const int64_t> padding_high,
+                   ffi::Span<const int64_t> dilation, int64_t threads, bool winograd) {
+  // Which array holds x's, the kernel's and y's dimensions.
+  const auto x = kind == kInputGradient ? out->dimensions() : first.dimensions();
+  const auto kernel = kind == kKernelGradient ? out->dimensions() : second.dimensions();
+  const auto y = kind == kForward         ? out->dimensions()
+                 : kind == kInputGradient ? first.dimensions()
+                                          : second.dimensions();
   try {
-    body();
+    Convolve(kind,
+             MakeGeometry(x, kernel, y, strides, padding_low, padding_high, dilation, winograd),
+             threads, first.typed_data(), second.typed_data(), out->typed_data());
     return ffi::Error::Success();
   } catch (const dnnl::error& error) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + error.what());
   }
 }
 
-void UseThreads(int64_t threads) { omp_set_num_threads(static_cast<int>(threads)); }
-
 }  // namespace
 
-// y = x * kernel.
-ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> padding_low, ffi::Span<const int64_t> padding_high,
-                       ffi::Span<const int64_t> dilation, int64_t threads) {
-  return Run([&] {
-    UseThreads(threads);
-    const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), strides,
-                                    padding_low, padding_high, dilation);
-    const Cached& cached = Lookup(Key("forward", g, threads), [&] {
-      auto description = ForwardDescription(g);
-      return Cached{dnnl::convolution_forward(description), description};
-    });
-    dnnl::stream stream(Engine());
-    memory user_kernel(Plain(g.kernel, tag::hwio), Engine(), kernel.typed_data());
-    memory x_memory(Plain(g.x, tag::nhwc), Engine(), x.typed_data());
-    memory y_memory(Plain(g.y, tag::nhwc), Engine(), y->typed_data());
-    memory kernel_memory = InLayout(user_kernel, cached.description.weights_desc(), stream);
-    cached.primitive.execute(stream, {{DNNL_ARG_SRC, x_memory},
-                                      {DNNL_ARG_WEIGHTS, kernel_memory},
-                                      {DNNL_ARG_DST, y_memory},
-                                      {DNNL_ARG_SCRATCHPAD, Scratchpad(cached.description)}});
-    stream.wait();
-  });
-}
-
-// d loss / d x, from d loss / d y and the kernel.
-ffi::Error ConvInputGradient(ffi::Buffer<ffi::F32> y_gradient, ffi::Buffer<ffi::F32> kernel,
-                             ffi::ResultBuffer<ffi::F32> x_gradient,
-                             ffi::Span<const int64_t> strides,
-                             ffi::Span<const int64_t> padding_low,
-                             ffi::Span<const int64_t> padding_high,
-                             ffi::Span<const int64_t> dilation, int64_t threads) {
-  return Run([&] {
-    UseThreads(threads);
-    const Geometry g = MakeGeometry(x_gradient->dimensions(), kernel.dimensions(),
-                                    y_gradient.dimensions(), strides, padding_low, padding_high,
-                                    dilation);
-    const Cached& cached = Lookup(Key("input_gradient", g, threads), [&] {
-      dnnl::convolution_backward_data::desc description(
-          dnnl::algorithm::convolution_direct, Plain(g.x, tag::nhwc), Any(g.kernel),
-          Plain(g.y, tag::nhwc), g.strides, g.dilation, g.padding_low, g.padding_high);
-      dnnl::convolution_backward_data::primitive_desc built(description, UserScratchpad(),
-                                                            Engine(), ForwardDescription(g));
-      return Cached{dnnl::convolution_backward_data(built), built};
-    });
-    dnnl::stream stream(Engine());
-    memory user_kernel(Plain(g.kernel, tag::hwio), Engine(), kernel.typed_data());
-    memory kernel_memory = InLayout(user_kernel, cached.description.weights_desc(), stream);
-    memory y_gradient_memory(Plain(g.y, tag::nhwc), Engine(), y_gradient.typed_data());
-    memory x_gradient_memory(Plain(g.x, tag::nhwc), Engine(), x_gradient->typed_data());
-    cached.primitive.execute(stream, {{DNNL_ARG_DIFF_DST, y_gradient_memory},
-                                      {DNNL_ARG_WEIGHTS, kernel_memory},
-                                      {DNNL_ARG_DIFF_SRC, x_gradient_memory},
-                                      {DNNL_ARG_SCRATCHPAD, Scratchpad(cached.description)}});
-    stream.wait();
-  });
-}
-
-// d loss / d kernel, from x and d loss / d y.
-ffi::Error ConvKernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y_gradient,
-                              ffi::ResultBuffer<ffi::F32> kernel_gradient,
-                              ffi::Span<const int64_t> strides,
-                              ffi::Span<const int64_t> padding_low,
-                              ffi::Span<const int64_t> padding_high,
-                              ffi::Span<const int64_t> dilation, int64_t threads) {
-  return Run([&] {
-    UseThreads(threads);
-    const Geometry g = MakeGeometry(x.dimensions(), kernel_gradient->dimensions(),
-                                    y_gradient.dimensions(), strides, padding_low, padding_high,
-                                    dilation);
-    const Cached& cached = Lookup(Key("kernel_gradient", g, threads), [&] {
-      dnnl::convolution_backward_weights::desc description(
-          dnnl::algorithm::convolution_direct, Plain(g.x, tag::nhwc), Any(g.kernel),
-          Plain(g.y, tag::nhwc), g.strides, g.dilation, g.padding_low, g.padding_high);
-      dnnl::convolution_backward_weights::primitive_desc built(description, UserScratchpad(),
-                                                               Engine(), ForwardDescription(g));
-      return Cached{dnnl::convolution_backward_weights(built), built};
-    });
-    dnnl::stream stream(Engine());
-    const auto gradient_layout = cached.description.diff_weights_desc();
-    memory user_gradient(Plain(g.kernel, tag::hwio), Engine(), kernel_gradient->typed_data());
-    memory gradient_memory = gradient_layout == user_gradient.get_desc()
-                                 ? user_gradient
-                                 : memory(gradient_layout, Engine(),
-                                          ThreadBuffer(2, gradient_layout.get_size()));
-    memory x_memory(Plain(g.x, tag::nhwc), Engine(), x.typed_data());
-    memory y_gradient_memory(Plain(g.y, tag::nhwc), Engine(), y_gradient.typed_data());
-    cached.primitive.execute(stream, {{DNNL_ARG_SRC, x_memory},
-                                      {DNNL_ARG_DIFF_DST, y_gradient_memory},
-                                      {DNNL_ARG_DIFF_WEIGHTS, gradient_memory},
-                                      {DNNL_ARG_SCRATCHPAD, Scratchpad(cached.description)}});
-    if (gradient_memory != user_gradient)
-      dnnl::reorder(gradient_memory, user_gradient).execute(stream, gradient_memory,
-                                                            user_gradient);
-    stream.wait();
-  });
-}
-
-// Each handler takes two float32 arrays and returns one.
 #define SSD_CONV_BINDING                                 \
   ffi::Ffi::Bind()                                       \
       .Arg<ffi::Buffer<ffi::F32>>()                      \
@@ -244,10 +243,11 @@ ffi::Error ConvKernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y_g
       .Attr<ffi::Span<const int64_t>>("padding_low")     \
       .Attr<ffi::Span<const int64_t>>("padding_high")    \
       .Attr<ffi::Span<const int64_t>>("dilation")        \
-      .Attr<int64_t>("threads")
+      .Attr<int64_t>("threads")                          \
+      .Attr<bool>("winograd")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SsdConvForward, ConvForward, SSD_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SsdConvInputGradient, ConvInputGradient,
-                              SSD_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SsdConvKernelGradient, ConvKernelGradient,
-                              SSD_CONV_BINDING);
+// y = x * kernel; d loss / d x from d loss / d y and the kernel; d loss / d kernel from x and
+// d loss / d y.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsdConvForward, Handler<kForward>, SSD_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsdConvInputGradient, Handler<kInputGradient>, SSD_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsdConvKernelGradient, Handler<kKernelGradient>, SSD_CONV_BINDING);

@@ -18,6 +18,7 @@ step's CPU time in the kernel. Served from the main heap and never trimmed, the 
 (for blocks of any size: SSD300's at batch 8 is 3 GB).
 """
 import ctypes
+import functools
 import os
 import sys
 
@@ -172,16 +173,12 @@ def run_once_compiler_options() -> dict:
     return _unless_in_xla_flags(CPU_RUN_ONCE_OPTIONS)
 
 
-# How a model's convolutions run on a CPU (`ModelConfig.cpu_convolutions`): "onednn", oneDNN's
-# where it is available (`onednn.available()`), else XLA's; "xla", XLA's always.
-CPU_CONVOLUTIONS = ("onednn", "xla")
-
-
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, **kwargs):
-    """`jax.lax.conv_general_dilated`; on a CPU, oneDNN's convolution (`onednn.conv`) for the
-    float32 NHWC convolutions of a model where oneDNN is available, else
-    `xla_conv_general_dilated`'s.
+                         dimension_numbers=None, feature_group_count=1, *, winograd=False,
+                         **kwargs):
+    """`jax.lax.conv_general_dilated`; on a CPU, oneDNN's convolution (`onednn.conv`, with
+    its Winograd algorithm where it applies if `winograd`) for the float32 NHWC convolutions
+    of a model where oneDNN is available, else `xla_conv_general_dilated`'s.
 
     Why: oneDNN's convolutions, the ones torchvision runs on, are faster on a CPU than XLA's
     (docs/cpu_speed.md, "oneDNN convolutions").
@@ -194,7 +191,8 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
         if isinstance(padding, str):
             reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel.shape[:2])]
             padding = jax.lax.padtype_to_pads(x.shape[1:3], reach, window_strides, padding)
-        return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads())
+        return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads(),
+                           winograd)
     return xla_conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     **kwargs)
@@ -234,6 +232,14 @@ def xla_conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=No
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, **kwargs)
     return _same_size_conv(x, kernel, dilation)
+
+
+# How a model's convolutions run on a CPU (`ModelConfig.cpu_convolutions`): oneDNN's where it
+# is available (`onednn.available()`), else XLA's; oneDNN's Winograd algorithm for its 3x3
+# convolutions; XLA's always.
+CPU_CONVOLUTIONS = {"onednn": conv_general_dilated,
+                    "onednn_winograd": functools.partial(conv_general_dilated, winograd=True),
+                    "xla": xla_conv_general_dilated}
 
 
 def _onednn_takes(x, kernel, spec, dimension_numbers, lhs_dilation, feature_group_count):

@@ -101,7 +101,7 @@ class TrainConfig:
     # How the model's convolutions run on a CPU: oneDNN's where it is installed, else XLA's
     # ("onednn"), or XLA's always ("xla"); ModelConfig.cpu_convolutions.
     cpu_convolutions: str = dataclasses.field(default="onednn",
-                                              metadata={"choices": platform.CPU_CONVOLUTIONS})
+                                              metadata={"choices": tuple(platform.CPU_CONVOLUTIONS)})
     train_examples: int = 0
     eval_examples: int = 0
 
