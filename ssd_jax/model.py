@@ -128,9 +128,10 @@ class ModelConfig:
         and outputs are returned as float32.
       pixel_mean, pixel_std: RGB statistics on the 0..255 scale used to normalize inputs.
       cpu_convolutions: how the convolutions run on a CPU (`platform.CPU_CONVOLUTIONS`):
-        "onednn", oneDNN's where it is installed (`ssd_jax.onednn`), else XLA's;
-        "onednn_winograd", the same with oneDNN's Winograd algorithm for the 3x3 convolutions;
-        "xla", XLA's always. The same network each way, up to float32 rounding.
+        "onednn", oneDNN's where it is installed (`ssd_jax.onednn`), else XLA's, with
+        oneDNN's Winograd algorithm for the 3x3 stride-1 convolutions; "onednn_direct", the
+        same with oneDNN's direct algorithm throughout; "xla", XLA's always. The same network
+        each way, up to float32 rounding.
     """
 
     name: str

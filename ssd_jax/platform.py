@@ -174,11 +174,11 @@ def run_once_compiler_options() -> dict:
 
 
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, *, winograd=False,
+                         dimension_numbers=None, feature_group_count=1, *, winograd=True,
                          **kwargs):
     """`jax.lax.conv_general_dilated`; on a CPU, oneDNN's convolution (`onednn.conv`, with
-    its Winograd algorithm where it applies if `winograd`) for the float32 NHWC convolutions
-    of a model where oneDNN is available, else `xla_conv_general_dilated`'s.
+    its Winograd algorithm where it applies, unless not `winograd`) for the float32 NHWC
+    convolutions of a model where oneDNN is available, else `xla_conv_general_dilated`'s.
 
     Why: oneDNN's convolutions, the ones torchvision runs on, are faster on a CPU than XLA's
     (docs/cpu_speed.md, "oneDNN convolutions").
@@ -235,10 +235,12 @@ def xla_conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=No
 
 
 # How a model's convolutions run on a CPU (`ModelConfig.cpu_convolutions`): oneDNN's where it
-# is available (`onednn.available()`), else XLA's; oneDNN's Winograd algorithm for its 3x3
-# convolutions; XLA's always.
+# is available (`onednn.available()`), else XLA's, with oneDNN's Winograd algorithm for the
+# 3x3 stride-1 convolutions ("onednn") or its direct one throughout ("onednn_direct"); XLA's
+# always ("xla"). On SSD300 (2 cores, docs/cpu_speed.md), Winograd's outputs and gradients
+# are as near XLA's as the direct convolution's, and its train step 1.7x as fast.
 CPU_CONVOLUTIONS = {"onednn": conv_general_dilated,
-                    "onednn_winograd": functools.partial(conv_general_dilated, winograd=True),
+                    "onednn_direct": functools.partial(conv_general_dilated, winograd=False),
                     "xla": xla_conv_general_dilated}
 
 

@@ -99,7 +99,8 @@ class TrainConfig:
     # for SSD300, whose convolutions use every core anyway (BENCHMARKS.md).
     cpu_device_per_core: bool = False
     # How the model's convolutions run on a CPU: oneDNN's where it is installed, else XLA's
-    # ("onednn"), or XLA's always ("xla"); ModelConfig.cpu_convolutions.
+    # ("onednn": Winograd's for 3x3s; "onednn_direct"), or XLA's always ("xla");
+    # ModelConfig.cpu_convolutions.
     cpu_convolutions: str = dataclasses.field(default="onednn",
                                               metadata={"choices": tuple(platform.CPU_CONVOLUTIONS)})
     train_examples: int = 0

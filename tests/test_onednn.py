@@ -57,16 +57,53 @@ def geometries(draw):
 
 @needs_onednn
 @settings(max_examples=40)
-@given(geometries(), st.integers(0, 2**31 - 1))
-def test_values_and_gradients_are_lax_convolutions(geometry, seed):
+@given(geometries(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_values_and_gradients_are_lax_convolutions(geometry, winograd, seed):
     x_shape, kernel_shape, strides, padding, dilation = geometry
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
     kernel = jnp.asarray(rng.standard_normal(kernel_shape, np.float32))
-    got = value_and_gradients(lambda x, k: onednn.conv(x, k, strides, padding, dilation, 2),
-                              x, kernel)
+    got = value_and_gradients(
+        lambda x, k: onednn.conv(x, k, strides, padding, dilation, 2, winograd), x, kernel)
     assert_close(got, value_and_gradients(
         lambda x, k: lax_conv(x, k, strides, padding, dilation), x, kernel))
+
+
+WINOGRAD_SCRIPT = """
+import jax.numpy as jnp, numpy as np
+from ssd_jax import onednn
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((2, 19, 19, 32), np.float32))
+kernel = jnp.asarray(rng.standard_normal((3, 3, 32, 32), np.float32))
+print(float(onednn.conv(x, kernel, ({stride}, {stride}), [(1, 1)] * 2, (1, 1), 2, True).sum()))
+"""
+
+
+@needs_onednn
+@pytest.mark.parametrize("stride, winograd", [(1, True), (2, False)])
+def test_winograd_runs_where_it_applies_and_the_direct_convolution_elsewhere(stride, winograd):
+    # oneDNN names the algorithm it runs when DNNL_VERBOSE is set.
+    result = subprocess.run([sys.executable, "-c", WINOGRAD_SCRIPT.format(stride=stride)],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "DNNL_VERBOSE": "1"})
+    runs = [line for line in result.stdout.splitlines()
+            if ",exec," in line and ",convolution," in line]
+    assert runs, result.stdout
+    assert all(("alg:convolution_winograd" in line) == winograd for line in runs), result.stdout
+
+
+@needs_onednn
+def test_winograd_convolutions_of_ssd300s_sizes_are_lax_convolutions():
+    rng = np.random.default_rng(5)
+    for side, channels_in, channels_out in ((38, 64, 128), (19, 512, 512), (10, 256, 256)):
+        x = jnp.asarray(rng.standard_normal((2, side, side, channels_in), np.float32))
+        # Scaled as Xavier's: outputs of about unit size, whose sine the loss takes.
+        kernel = jnp.asarray(rng.standard_normal((3, 3, channels_in, channels_out), np.float32)
+                             / np.sqrt(9 * channels_in))
+        got = value_and_gradients(
+            lambda x, k: onednn.conv(x, k, (1, 1), [(1, 1)] * 2, (1, 1), 2, True), x, kernel)
+        assert_close(got, value_and_gradients(
+            lambda x, k: lax_conv(x, k, (1, 1), [(1, 1)] * 2, (1, 1)), x, kernel))
 
 
 @needs_onednn
@@ -205,11 +242,14 @@ def test_a_model_runs_its_convolutions_as_its_config_says():
     from ssd_jax.model import create_ssd, get_config
     images = jnp.zeros((1, 64, 64, 3))
     programs = {}
-    for choice in ("onednn", "xla"):
+    for choice in ("onednn", "onednn_direct", "xla"):
         model = create_ssd(get_config("ssd_mini", image_size=64, cpu_convolutions=choice))
         programs[choice] = jax.jit(lambda images: model(images)).lower(images).as_text()
     convolutions = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Conv)]
-    assert programs["onednn"].count("ssd_jax_conv_forward") == len(convolutions) == 22
+    for choice, winograd in ("onednn", "true"), ("onednn_direct", "false"):
+        calls = [line for line in programs[choice].splitlines() if "ssd_jax_conv_forward" in line]
+        assert len(calls) == len(convolutions) == 22
+        assert all(f"winograd = {winograd}" in line for line in calls)
     assert "ssd_jax_conv" not in programs["xla"]
 
 
