@@ -45,10 +45,15 @@ SECTIONS = (
      "Images per second of the jitted train step (matching, loss, backward, SGD; state donated) "
      "and of inference (forward and on-device detect), against torchvision's "
      "`ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)` on the same "
-     "device; the ratio is ours over torchvision's: above 1x, JAX is faster. GFLOP/image: "
-     "XLA's cost analysis of the compiled function (skips kernel taps on padding, counts "
-     "elementwise work) and torch's flop counter (convolutions and matmuls, every tap).",
+     "device; the ratio is ours over torchvision's: above 1x, JAX is faster. On a CPU our "
+     "convolutions are oneDNN's (`ssd_jax.onednn`, Winograd's algorithm for the 3x3 stride-1 "
+     "ones), where Debian's libdnnl-dev is installed. GFLOP/image: XLA's cost analysis of the "
+     "same function with XLA's convolutions (skips kernel taps on padding, counts elementwise "
+     "work) and torch's flop counter (convolutions and matmuls, every tap).",
      lambda quick: bench_train.run(repeats=2 if quick else 3)),
+    ("Train step and inference, XLA's convolutions",
+     "The same, with `cpu_convolutions=\"xla\"`: what a machine without oneDNN runs.",
+     lambda quick: bench_train.run(repeats=2 if quick else 3, cpu_convolutions="xla")),
     ("Input pipeline",
      "Host-side work per SSD300 training image (reading it with the VOC folder reader: XML "
      "and JPEG decode; augmentation with the resize to 300x300; padding of the targets), in "
@@ -69,13 +74,15 @@ SECTIONS = (
 
 REPRODUCE = """\
 ```
+sudo apt-get install libdnnl-dev          # oneDNN, for the CPU convolutions (Debian, Ubuntu)
 python -m venv torchvenv && . torchvenv/bin/activate
 pip install -e . torch==2.14.1 torchvision==0.29.1 scikit-image   # CPU is enough
 python -m experiments.benchmark            # rewrites BENCHMARKS.md
 ```
 Without torch the torchvision columns read n/a. Each benchmark also runs alone:
 `python -m experiments.bench_boxes`, `python -m experiments.bench_train` (`--model`,
-`--batch-size`, `--dtype`, `--peak-tflops` on a GPU), `python -m experiments.bench_input`,
+`--batch-size`, `--dtype`, `--cpu-convolutions`, `--peak-tflops` on a GPU),
+`python -m experiments.bench_input`,
 `python -m experiments.parity_torchvision` (needs scikit-image too).
 Threads: XLA uses every core the process may use and torch gets the same count, except in
 the input pipeline, where torch's transforms run on one thread as in a DataLoader worker.

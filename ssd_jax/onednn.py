@@ -68,7 +68,10 @@ def unavailable_reason() -> str | None:
 
 
 def _register_targets() -> None:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+    except OSError as error:  # an unwritable cache, a library that does not load
+        raise OneDnnUnavailable(f"building or loading the oneDNN handlers failed: {error}")
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(f"ssd_jax_conv_{name}",
                                     jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

@@ -223,6 +223,15 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("*.so")), "nothing half-built is left to load"
 
 
+def test_an_unwritable_cache_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    reason = build_in_a_fresh_process(tmp_path, SSD_JAX_CACHE=str(blocker / "cache"))
+    if "headers" in reason or "compiler" in reason:
+        pytest.skip(f"the build is never tried here: {reason}")
+    assert "failed" in reason and str(blocker) in reason
+
+
 def test_ssd_jax_onednn_0_turns_the_path_off(tmp_path):
     assert build_in_a_fresh_process(tmp_path, SSD_JAX_ONEDNN="0") == "SSD_JAX_ONEDNN=0"
 
