@@ -17,8 +17,13 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <array>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -148,16 +153,62 @@ const Cached& Lookup(Kind kind, const Geometry& g, int64_t threads) {
   return found->second;
 }
 
-// Memory for a call's reordered arrays and oneDNN's scratchpad, kept per calling thread,
-// aligned to 64 bytes (oneDNN's Winograd kernels read their scratchpad with aligned loads).
-void* ThreadBuffer(int which, size_t bytes) {
-  constexpr size_t kAlignment = 64;
-  thread_local std::vector<char> buffers[4];
-  if (buffers[which].size() < bytes + kAlignment) buffers[which].resize(bytes + kAlignment);
-  void* start = buffers[which].data();
-  size_t space = buffers[which].size();
-  return std::align(kAlignment, bytes, start, space);
-}
+// A block of memory aligned to 64 bytes (oneDNN's Winograd kernels read their scratchpad with
+// aligned loads), grown on demand, never shrunk.
+class Block {
+ public:
+  Block() = default;
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  ~Block() { std::free(data_); }
+
+  void* Reserve(size_t bytes) {
+    if (bytes > size_) {
+      std::free(data_);
+      size_ = (bytes + 63) / 64 * 64;
+      data_ = std::aligned_alloc(64, size_);
+      if (data_ == nullptr) {
+        size_ = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// The memory one call needs for its reordered arrays and oneDNN's scratchpad, taken from a
+// pool for the call and returned after. Kept across calls, the blocks are reused as XLA
+// reuses its own buffers; kept per thread instead, they multiplied the resident memory (XLA
+// runs a call on whichever of its threads is free) and faulted in fresh pages.
+class Workspace {
+ public:
+  static constexpr int kBlocks = 4;  // two operands, the result, the scratchpad
+
+  Workspace() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (pool_.empty()) {
+      blocks_ = std::make_unique<std::array<Block, kBlocks>>();
+    } else {
+      blocks_ = std::move(pool_.back());
+      pool_.pop_back();
+    }
+  }
+  ~Workspace() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pool_.push_back(std::move(blocks_));
+  }
+
+  void* Reserve(int which, size_t bytes) { return (*blocks_)[which].Reserve(bytes); }
+
+ private:
+  std::unique_ptr<std::array<Block, kBlocks>> blocks_;
+  static inline std::mutex mutex_;
+  static inline std::vector<std::unique_ptr<std::array<Block, kBlocks>>> pool_;
+};
 
 // An argument's array as XLA holds it: maps NHWC, kernels HWIO.
 memory UserMemory(int argument, const Geometry& g, void* data) {
@@ -173,12 +224,39 @@ memory UserMemory(int argument, const Geometry& g, void* data) {
   }
 }
 
+// Holds `threads` of the process's cores for one call, waiting until they are free. XLA may
+// run independent convolutions at once (SSD's heads), each on one of its threads; each call
+// would start an OpenMP team of its own, more threads than cores, which slow each other down.
+class Cores {
+ public:
+  explicit Cores(int64_t threads) : held_(std::min<int64_t>(threads, omp_get_num_procs())) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    freed_.wait(lock, [&] { return in_use_ + held_ <= omp_get_num_procs(); });
+    in_use_ += held_;
+  }
+  ~Cores() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ -= held_;
+    }
+    freed_.notify_all();
+  }
+
+ private:
+  const int64_t held_;
+  static inline std::mutex mutex_;
+  static inline std::condition_variable freed_;
+  static inline int64_t in_use_ = 0;
+};
+
 // out = the `kind` convolution of `first` and `second`, each array reordered into (or, for
 // the result, out of) the layout the primitive picked, where that is not XLA's.
 void Convolve(Kind kind, const Geometry& g, int64_t threads, const float* first,
               const float* second, float* out) {
   omp_set_num_threads(static_cast<int>(threads));
   const Cached& cached = Lookup(kind, g, threads);
+  Cores cores(threads);
+  Workspace workspace;
   dnnl::stream stream(Engine());
   std::unordered_map<int, memory> arguments;
   const float* operands[2] = {first, second};
@@ -190,7 +268,7 @@ void Convolve(Kind kind, const Geometry& g, int64_t threads, const float* first,
       arguments.emplace(argument, user);
       continue;
     }
-    memory copy(wanted, Engine(), ThreadBuffer(i, wanted.get_size()));
+    memory copy(wanted, Engine(), workspace.Reserve(i, wanted.get_size()));
     dnnl::reorder(user, copy).execute(stream, user, copy);
     arguments.emplace(argument, copy);
   }
@@ -199,11 +277,11 @@ void Convolve(Kind kind, const Geometry& g, int64_t threads, const float* first,
   const auto wanted = cached.description.query_md(dnnl::query::exec_arg_md, result_argument);
   memory result = user_result.get_desc() == wanted
                       ? user_result
-                      : memory(wanted, Engine(), ThreadBuffer(2, wanted.get_size()));
+                      : memory(wanted, Engine(), workspace.Reserve(2, wanted.get_size()));
   arguments.emplace(result_argument, result);
   const auto scratchpad = cached.description.scratchpad_desc();
   arguments.emplace(DNNL_ARG_SCRATCHPAD,
-                    memory(scratchpad, Engine(), ThreadBuffer(3, scratchpad.get_size())));
+                    memory(scratchpad, Engine(), workspace.Reserve(3, scratchpad.get_size())));
   cached.primitive.execute(stream, arguments);
   if (result != user_result) dnnl::reorder(result, user_result).execute(stream, result,
                                                                         user_result);
@@ -229,6 +307,9 @@ ffi::Error Handler(ffi::Buffer<ffi::F32> first, ffi::Buffer<ffi::F32> second,
     return ffi::Error::Success();
   } catch (const dnnl::error& error) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + error.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "oneDNN convolution: out of host memory for its workspace");
   }
 }
 
