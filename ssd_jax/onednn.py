@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -33,6 +34,11 @@ _TARGETS = {"forward": "SsdConvForward", "input_gradient": "SsdConvInputGradient
 
 class OneDnnUnavailable(RuntimeError):
     """The oneDNN handlers could not be built or loaded; the message says why."""
+
+
+class OneDnnBuildFailed(OneDnnUnavailable):
+    """oneDNN's headers are there, but the handlers did not compile or load: worth a warning,
+    where a machine without oneDNN is not."""
 
 
 _turned_off = False
@@ -63,6 +69,8 @@ def unavailable_reason() -> str | None:
     try:
         _register_targets()
     except OneDnnUnavailable as error:
+        if isinstance(error, OneDnnBuildFailed):
+            warnings.warn(f"{error}\nThe convolutions stay XLA's.", RuntimeWarning, stacklevel=2)
         return str(error)
     return None
 
@@ -71,7 +79,7 @@ def _register_targets() -> None:
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except OSError as error:  # an unwritable cache, a library that does not load
-        raise OneDnnUnavailable(f"building or loading the oneDNN handlers failed: {error}")
+        raise OneDnnBuildFailed(f"building or loading the oneDNN handlers failed: {error}")
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(f"ssd_jax_conv_{name}",
                                     jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
@@ -97,7 +105,7 @@ def _build() -> Path:
                    f"-I{jax.ffi.include_dir()}", str(SOURCE), "-ldnnl", "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            raise OneDnnUnavailable(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            raise OneDnnBuildFailed(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
         os.replace(built, library)
     return library
 

@@ -99,12 +99,20 @@ memory::desc MapLayout(const memory::dims& dims, dnnl::algorithm algorithm) {
 }
 
 // The forward description, which the backward primitives also take as a hint.
+// oneDNN 3 takes the engine and the geometry in the primitive descriptor itself; oneDNN 2
+// in an operation descriptor first.
 dnnl::convolution_forward::primitive_desc ForwardDescription(const Geometry& g,
                                                              dnnl::algorithm algorithm) {
+#if DNNL_VERSION_MAJOR >= 3
+  return {Engine(), dnnl::prop_kind::forward_training, algorithm, MapLayout(g.x, algorithm),
+          Any(g.kernel), MapLayout(g.y, algorithm), g.strides, g.dilation, g.padding_low,
+          g.padding_high, UserScratchpad()};
+#else
   dnnl::convolution_forward::desc description(
       dnnl::prop_kind::forward_training, algorithm, MapLayout(g.x, algorithm), Any(g.kernel),
       MapLayout(g.y, algorithm), g.strides, g.dilation, g.padding_low, g.padding_high);
   return {description, UserScratchpad(), Engine()};
+#endif
 }
 
 // A primitive with its description.
@@ -117,6 +125,17 @@ Cached Build(Kind kind, const Geometry& g, dnnl::algorithm algorithm) {
   const auto forward = ForwardDescription(g, algorithm);
   const auto x = MapLayout(g.x, algorithm), y = MapLayout(g.y, algorithm);
   if (kind == kForward) return {dnnl::convolution_forward(forward), forward};
+#if DNNL_VERSION_MAJOR >= 3
+  if (kind == kInputGradient) {
+    dnnl::convolution_backward_data::primitive_desc description(
+        Engine(), algorithm, x, Any(g.kernel), y, g.strides, g.dilation, g.padding_low,
+        g.padding_high, forward, UserScratchpad());
+    return {dnnl::convolution_backward_data(description), description};
+  }
+  dnnl::convolution_backward_weights::primitive_desc description(
+      Engine(), algorithm, x, Any(g.kernel), y, g.strides, g.dilation, g.padding_low,
+      g.padding_high, forward, UserScratchpad());
+#else
   if (kind == kInputGradient) {
     dnnl::convolution_backward_data::primitive_desc description(
         {algorithm, x, Any(g.kernel), y, g.strides, g.dilation, g.padding_low, g.padding_high},
@@ -126,6 +145,7 @@ Cached Build(Kind kind, const Geometry& g, dnnl::algorithm algorithm) {
   dnnl::convolution_backward_weights::primitive_desc description(
       {algorithm, x, Any(g.kernel), y, g.strides, g.dilation, g.padding_low, g.padding_high},
       UserScratchpad(), Engine(), forward);
+#endif
   return {dnnl::convolution_backward_weights(description), description};
 }
 

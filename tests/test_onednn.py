@@ -189,17 +189,19 @@ def test_other_convolutions_stay_with_lax():
 
 
 def build_in_a_fresh_process(tmp_path, **environment):
-    """`onednn.unavailable_reason()` in a new process with `environment` set."""
+    """`onednn.unavailable_reason()` in a new process with `environment` set, and what that
+    process wrote to stderr."""
     script = "from ssd_jax import onednn; print(onednn.unavailable_reason())"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "SSD_JAX_CACHE": str(tmp_path), **environment},
                             check=True)
-    return result.stdout.strip()
+    return result.stdout.strip(), result.stderr
 
 
 def test_a_missing_compiler_is_named_and_xla_keeps_the_convolutions(tmp_path):
-    reason = build_in_a_fresh_process(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    reason, stderr = build_in_a_fresh_process(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
     assert "no-such-compiler" in reason and "CXX" in reason
+    assert "Warning" not in stderr  # a machine without oneDNN is not a problem
     script = ("import jax, jax.numpy as jnp; from ssd_jax import platform; "
               "x = jnp.ones((1, 5, 5, 2)); k = jnp.ones((3, 3, 2, 3)); "
               "print('ssd_jax_conv' in jax.jit(lambda x: platform.conv_general_dilated(x, k, "
@@ -226,14 +228,15 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
 def test_an_unwritable_cache_is_named(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    reason = build_in_a_fresh_process(tmp_path, SSD_JAX_CACHE=str(blocker / "cache"))
+    reason, stderr = build_in_a_fresh_process(tmp_path, SSD_JAX_CACHE=str(blocker / "cache"))
     if "headers" in reason or "compiler" in reason:
         pytest.skip(f"the build is never tried here: {reason}")
     assert "failed" in reason and str(blocker) in reason
+    assert "RuntimeWarning" in stderr and "stay XLA's" in stderr
 
 
 def test_ssd_jax_onednn_0_turns_the_path_off(tmp_path):
-    assert build_in_a_fresh_process(tmp_path, SSD_JAX_ONEDNN="0") == "SSD_JAX_ONEDNN=0"
+    assert build_in_a_fresh_process(tmp_path, SSD_JAX_ONEDNN="0")[0] == "SSD_JAX_ONEDNN=0"
 
 
 @needs_onednn
