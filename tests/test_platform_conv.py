@@ -1,17 +1,11 @@
-"""ssd_jax.platform.conv_general_dilated: lax's convolution, values and gradients, whichever
+"""ssd_jax.platform.xla_conv_general_dilated: lax's convolution, values and gradients, whichever
 way it computes the kernel gradient, with XLA's convolutions (oneDNN's: tests/test_onednn.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import onednn, platform
-
-
-@pytest.fixture(autouse=True)
-def xla_convolutions():
-    with onednn.turned_off():
-        yield
+from ssd_jax import platform
 
 
 def convolution(conv, strides, padding, dilation):
@@ -46,10 +40,10 @@ def test_values_and_gradients_are_lax_convolutions(shape, kernel_size, strides, 
     kernel_height, kernel_width = np.broadcast_to(kernel_size, 2)
     kernel = jnp.asarray(rng.standard_normal((kernel_height, kernel_width, channels_in,
                                               channels_out), np.float32))
-    ours = loss(platform.conv_general_dilated, strides, padding, dilation)
+    ours = loss(platform.xla_conv_general_dilated, strides, padding, dilation)
     lax = loss(jax.lax.conv_general_dilated, strides, padding, dilation)
     outputs = [jax.jit(convolution(conv, strides, padding, dilation))(x, kernel)
-               for conv in (platform.conv_general_dilated, jax.lax.conv_general_dilated)]
+               for conv in (platform.xla_conv_general_dilated, jax.lax.conv_general_dilated)]
     np.testing.assert_allclose(*outputs, rtol=1e-5, atol=1e-5)
     for got, expected in zip(jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel),
                              jax.jit(jax.grad(lax, argnums=(0, 1)))(x, kernel)):
