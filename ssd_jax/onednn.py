@@ -125,9 +125,25 @@ def conv(x, kernel, strides, padding, dilation, threads, winograd=False):
     direct algorithm's at SSD300's sizes (docs/cpu_speed.md)."""
     if not available():
         raise OneDnnUnavailable(unavailable_reason())
+    if not takes(kernel.shape, padding, dilation):
+        raise ValueError(f"onednn.conv takes square kernels with the same padding on both sides, "
+                         f"within the kernel's reach; got kernel {kernel.shape}, padding "
+                         f"{padding}, dilation {dilation}")
     geometry = (tuple(strides), tuple(tuple(pair) for pair in padding), tuple(dilation),
                 int(threads), bool(winograd))
     return _conv(x, kernel, geometry)
+
+
+def takes(kernel_shape, padding, dilation) -> bool:
+    """Whether `conv` takes this geometry: a square kernel, the same padding before and after
+    on each axis, no more than the kernel's reach (SSD's convolutions all are). Why: oneDNN
+    2.6's input gradient read past its operands for a 3 x 1 kernel with 3 rows of padding
+    above and 1 below (found by tests/test_onednn.py), so `platform.conv_general_dilated`
+    leaves the other geometries to XLA."""
+    kernel_height, kernel_width = kernel_shape[:2]
+    return kernel_height == kernel_width and all(
+        low == high <= d * (k - 1) for (low, high), d, k in zip(padding, dilation,
+                                                                kernel_shape[:2]))
 
 
 def _output_shape(x_shape, kernel_shape, geometry):

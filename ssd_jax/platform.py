@@ -191,8 +191,9 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
         if isinstance(padding, str):
             reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel.shape[:2])]
             padding = jax.lax.padtype_to_pads(x.shape[1:3], reach, window_strides, padding)
-        return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads(),
-                           winograd)
+        if onednn.takes(kernel.shape, padding, dilation):
+            return onednn.conv(x, kernel, window_strides, padding, dilation, _onednn_threads(),
+                               winograd)
     return xla_conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     **kwargs)

@@ -40,19 +40,20 @@ def assert_close(got, expected):
 
 @st.composite
 def geometries(draw):
-    """A convolution's shapes, strides, padding (either side, zero included) and dilation,
-    with at least one output pixel: the border cases (a kernel reaching past the map, more
-    padding than map, strides that skip the last rows) come up often among small sizes."""
-    kernel = draw(st.tuples(st.integers(1, 5), st.integers(1, 5)))
+    """A convolution `onednn.conv` takes (`onednn.takes`): square kernels, strides, the same
+    padding on both sides of an axis (zero up to the kernel's reach) and dilation, with at
+    least one output pixel. The border cases (a kernel reaching past the map, strides that
+    skip the last rows) come up often among small sizes."""
+    kernel = draw(st.integers(1, 5))
     dilation = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
     strides = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
-    padding = draw(st.tuples(*[st.tuples(st.integers(0, 3), st.integers(0, 3))] * 2))
-    reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
-    smallest = [max(1, r - sum(p)) for r, p in zip(reach, padding)]
+    reach = [d * (kernel - 1) for d in dilation]
+    padding = tuple((p, p) for p in (draw(st.integers(0, r)) for r in reach))
+    smallest = [max(1, r + 1 - 2 * p) for r, (p, _) in zip(reach, padding)]
     size = [draw(st.integers(low, max(low, 12))) for low in smallest]
     batch, channels_in, channels_out = (draw(st.integers(1, n)) for n in (3, 6, 6))
-    return ((batch, *size, channels_in), (*kernel, channels_in, channels_out), strides, padding,
-            dilation)
+    return ((batch, *size, channels_in), (kernel, kernel, channels_in, channels_out), strides,
+            padding, dilation)
 
 
 @needs_onednn
@@ -127,7 +128,7 @@ def test_a_batch_split_over_devices_stays_split_and_the_kernel_gradient_is_summe
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((16, 10, 10, 3), np.float32))
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4), np.float32))
-    conv = lambda x, k: onednn.conv(x, k, (2, 1), [(1, 1), (0, 2)], (1, 1), 1)
+    conv = lambda x, k: onednn.conv(x, k, (2, 1), [(1, 1), (2, 2)], (1, 1), 1)
     loss = lambda x, k: jnp.sin(conv(x, k)).sum()
     gradients = jax.jit(jax.grad(loss, argnums=(0, 1)),
                         in_shardings=(NamedSharding(mesh, PartitionSpec("data")),
@@ -138,7 +139,7 @@ def test_a_batch_split_over_devices_stays_split_and_the_kernel_gradient_is_summe
     assert "f32[2,10,10,3]" in hlo and "all-reduce" in hlo
     x_gradient, kernel_gradient = gradients(x, kernel)
     assert x_gradient.sharding.spec == PartitionSpec("data")
-    expected = jax.grad(lambda x, k: jnp.sin(lax_conv(x, k, (2, 1), [(1, 1), (0, 2)], (1, 1))
+    expected = jax.grad(lambda x, k: jnp.sin(lax_conv(x, k, (2, 1), [(1, 1), (2, 2)], (1, 1))
                                              ).sum(), argnums=(0, 1))(x, kernel)
     assert_close((x_gradient, kernel_gradient), expected)
 
@@ -157,18 +158,32 @@ def test_vmapped_convolutions_are_each_lax_convolution():
 
 
 @needs_onednn
-@pytest.mark.parametrize("padding", ["SAME", "VALID", [(2, 0), (0, 1)]])
-def test_the_models_float32_convolutions_go_to_onednn(padding):
+@pytest.mark.parametrize("strides, padding, kernel_shape, by_onednn", [
+    ((1, 1), "SAME", (3, 3, 3, 4), True),
+    ((2, 2), "VALID", (3, 3, 3, 4), True),
+    ((2, 1), [(2, 2), (1, 1)], (3, 3, 3, 4), True),
+    ((2, 2), "SAME", (3, 3, 3, 4), False),        # one more row of padding below than above
+    ((1, 1), [(3, 1), (1, 1)], (3, 1, 3, 3), False),  # the geometry oneDNN 2.6 got wrong
+])
+def test_the_models_float32_convolutions_go_to_onednn_where_it_takes_them(
+        strides, padding, kernel_shape, by_onednn):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((2, 9, 10, 3), np.float32))
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4), np.float32))
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape, np.float32))
     conv = lambda x, k: platform.conv_general_dilated(
-        x, k, (2, 2), padding, rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    assert "ssd_jax_conv_forward" in jax.jit(conv).lower(x, kernel).as_text()
+        x, k, strides, padding, rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert ("ssd_jax_conv_forward" in jax.jit(conv).lower(x, kernel).as_text()) == by_onednn
     expected = lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (2, 2), padding, rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x, k, strides, padding, rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=jax.lax.Precision.HIGHEST)
     assert_close(value_and_gradients(conv, x, kernel), value_and_gradients(expected, x, kernel))
+
+
+@needs_onednn
+def test_a_geometry_onednn_does_not_take_is_refused_by_name():
+    with pytest.raises(ValueError, match="square kernels with the same padding"):
+        onednn.conv(jnp.ones((1, 11, 11, 3)), jnp.ones((3, 1, 3, 3)), (1, 1), [(3, 1), (1, 1)],
+                    (1, 1), 2)
 
 
 @needs_onednn
@@ -188,13 +203,20 @@ def test_other_convolutions_stay_with_lax():
         assert "ssd_jax_conv" not in jax.jit(fn).lower(x).as_text()
 
 
+def environment_without_a_switch_off(**environment) -> dict:
+    """This process's environment and `environment`, but not an SSD_JAX_ONEDNN=0 the user set
+    (the build tests below ask for the build itself)."""
+    inherited = {key: value for key, value in os.environ.items() if key != "SSD_JAX_ONEDNN"}
+    return {**inherited, **environment}
+
+
 def build_in_a_fresh_process(tmp_path, **environment):
     """`onednn.unavailable_reason()` in a new process with `environment` set, and what that
     process wrote to stderr."""
     script = "from ssd_jax import onednn; print(onednn.unavailable_reason())"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "SSD_JAX_CACHE": str(tmp_path), **environment},
-                            check=True)
+                            env=environment_without_a_switch_off(
+                                **{"SSD_JAX_CACHE": str(tmp_path), **environment}), check=True)
     return result.stdout.strip(), result.stderr
 
 
@@ -208,8 +230,9 @@ def test_a_missing_compiler_is_named_and_xla_keeps_the_convolutions(tmp_path):
               "(1, 1), [(1, 1)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).lower(x)"
               ".as_text())")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "SSD_JAX_CACHE": str(tmp_path),
-                                 "CXX": str(tmp_path / "no-such-compiler")}, check=True)
+                            env=environment_without_a_switch_off(
+                                SSD_JAX_CACHE=str(tmp_path),
+                                CXX=str(tmp_path / "no-such-compiler")), check=True)
     assert result.stdout.strip() == "False"
 
 
