@@ -127,7 +127,8 @@ def jax_subjects(config: TrainConfig, batch: dict):
     mesh = data_mesh()
     graphdef, state, train_step = init_training(config, NUM_CLASSES, mesh)
     predict = make_predict_fn(graphdef, model_config(config, NUM_CLASSES))
-    counted = _with_xla_convolutions(config, mesh)
+    counted = (_with_xla_convolutions(config, mesh) if config.cpu_convolutions != "xla"
+               else _lowerings(predict, state, train_step))
     for key, images in ("infer_1", batch["image"][:1]), ("infer_b", batch["image"]):
         compiled, compile_s = _compile(predict, state.params, state.rest, images)
         yield key, _warm(functools.partial(compiled, state.params, state.rest, images),
@@ -147,11 +148,16 @@ def jax_subjects(config: TrainConfig, batch: dict):
 
 def _with_xla_convolutions(config: TrainConfig, mesh) -> dict:
     """The same predict and train step with XLA's own convolutions, for XLA's count of their
-    floating-point operations (its cost analysis sees nothing inside oneDNN's FFI calls):
-    {"predict": fn(images), "train": fn(batch)}, each returning the lowered function."""
+    floating-point operations (its cost analysis sees nothing inside oneDNN's FFI calls), as
+    `_lowerings`."""
     config = dataclasses.replace(config, cpu_convolutions="xla")
     graphdef, state, train_step = init_training(config, NUM_CLASSES, mesh)
-    predict = make_predict_fn(graphdef, model_config(config, NUM_CLASSES))
+    return _lowerings(make_predict_fn(graphdef, model_config(config, NUM_CLASSES)), state,
+                      train_step)
+
+
+def _lowerings(predict, state, train_step) -> dict:
+    """{"predict": fn(images), "train": fn(batch)}, each returning the lowered function."""
     return {"predict": lambda images: predict.lower(state.params, state.rest, images),
             "train": lambda batch: train_step.lower(state, batch)}
 

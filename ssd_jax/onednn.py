@@ -158,8 +158,7 @@ def _call(name, first, second, out_shape, geometry):
     """The FFI call `name` on this device's arrays."""
     strides, padding, dilation, threads, winograd = geometry
     as_array = functools.partial(np.array, dtype=np.int64)
-    return jax.ffi.ffi_call(f"ssd_jax_conv_{name}", jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                            vmap_method="sequential")(
+    return jax.ffi.ffi_call(f"ssd_jax_conv_{name}", jax.ShapeDtypeStruct(out_shape, jnp.float32))(
         first, second, strides=as_array(strides), padding_low=as_array([p[0] for p in padding]),
         padding_high=as_array([p[1] for p in padding]), dilation=as_array(dilation),
         threads=np.int64(threads), winograd=bool(winograd))
